@@ -1,0 +1,207 @@
+"""Frozen, validated, picklable configuration values.
+
+Options become config once, at the edge (the CLI or the transform's constructor); every
+module below works with these immutable values. Out-of-range values raise ``ValueError``
+naming the field and the accepted range. The API key itself is never part of a config: only
+the *name* of the environment variable that holds it.
+
+Example:
+    >>> from arkbatch_beam import Endpoint, ClientConfig
+    >>> cfg = ClientConfig(Endpoint("ep-2024-demo"), max_concurrency=200, timeout=3600)
+    >>> cfg.endpoint.url
+    'https://ark.cn-beijing.volces.com/api/v3/batch/chat/completions'
+    >>> ClientConfig(Endpoint("ep"), max_concurrency=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_concurrency must be in 1..10000, got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+ARK_BASE_URL = "https://ark.cn-beijing.volces.com/api/v3"
+ARK_BATCH_PATH = "/batch/chat/completions"
+OPENAI_CHAT_PATH = "/chat/completions"
+DEFAULT_API_KEY_ENV = "ARK_API_KEY"
+
+MAX_CONCURRENCY_RANGE = (1, 10_000)
+TIMEOUT_RANGE = (1.0, 72 * 3600.0)
+DEFAULT_TIMEOUT = 24 * 3600.0
+DEFAULT_MAX_CONCURRENCY = 500
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, unit: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in {lo:g}..{hi:g}{unit}, got {value!r}")
+    if math.isnan(value) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be in {lo:g}..{hi:g}{unit}, got {value!r}")
+
+
+def _freeze_headers(headers: Mapping[str, str] | tuple[tuple[str, str], ...] | None) -> tuple:
+    if not headers:
+        return ()
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out = []
+    for k, v in items:
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"headers must map str to str, got {k!r}: {type(v).__name__}")
+        if k.lower() == "authorization":
+            raise ValueError(
+                "headers must not carry Authorization: the key is read from the "
+                "environment variable named by api_key_env"
+            )
+        out.append((k, v))
+    return tuple(sorted(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter for retries that carry no ``Retry-After``.
+
+    The n-th retry waits ``min(max_delay, initial * factor**(n-1))``, scaled by a random
+    factor in ``[1 - jitter, 1]`` ("equal jitter" when ``jitter=0.5``).
+
+    Example:
+        >>> Backoff(initial=0.5, factor=2.0, max_delay=8.0, jitter=0.5).initial
+        0.5
+    """
+
+    initial: float = 0.5
+    factor: float = 2.0
+    max_delay: float = 8.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_range("backoff.initial", self.initial, 0.001, 3600.0, " s")
+        _check_range("backoff.factor", self.factor, 1.0, 10.0)
+        _check_range("backoff.max_delay", self.max_delay, self.initial, 3600.0, " s")
+        _check_range("backoff.jitter", self.jitter, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where requests go and how they authenticate.
+
+    Args:
+        model: Ark endpoint id (``ep-...``) or model name; used when a request body has no
+            ``model``. ``None`` means every request must carry its own.
+        base_url: API root, default Ark's ``https://ark.cn-beijing.volces.com/api/v3``.
+        path: ``/batch/chat/completions`` (Ark batch) or ``/chat/completions`` (any
+            OpenAI-compatible server).
+        api_key_env: name of the environment variable holding the key, read in the worker.
+            An empty string sends no ``Authorization`` header (local servers).
+        headers: extra request headers (never ``Authorization``).
+
+    Example:
+        >>> Endpoint("gpt-x", base_url="http://127.0.0.1:8000/v1", path="/chat/completions").url
+        'http://127.0.0.1:8000/v1/chat/completions'
+    """
+
+    model: str | None = None
+    base_url: str = ARK_BASE_URL
+    path: str = ARK_BATCH_PATH
+    api_key_env: str = DEFAULT_API_KEY_ENV
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"model must be a non-empty string or None, got {self.model!r}")
+        if not isinstance(self.base_url, str) or not self.base_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if not isinstance(self.path, str) or not self.path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {self.path!r}")
+        if not isinstance(self.api_key_env, str):
+            raise ValueError("api_key_env must be an environment variable name (str)")
+        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        object.__setattr__(self, "headers", _freeze_headers(self.headers))
+
+    @property
+    def url(self) -> str:
+        """The full URL requests are POSTed to."""
+        return self.base_url + self.path
+
+    @property
+    def is_batch(self) -> bool:
+        """True on Ark's batch path, where streaming is not allowed."""
+        return "/batch/" in self.path
+
+    @classmethod
+    def openai_compatible(
+        cls, model: str | None, base_url: str, *, api_key_env: str = "OPENAI_API_KEY", **kw: Any
+    ) -> Endpoint:
+        """An endpoint for any OpenAI-compatible server (path ``/chat/completions``).
+
+        Example:
+            >>> Endpoint.openai_compatible("m", "http://127.0.0.1:8000/v1").path
+            '/chat/completions'
+        """
+        return cls(model, base_url=base_url, path=OPENAI_CHAT_PATH, api_key_env=api_key_env, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """Everything the shared client needs; the key to the per-process runtime registry.
+
+    Args:
+        endpoint: an :class:`Endpoint`, or an Ark endpoint id as a plain string.
+        max_concurrency: most requests in flight from one worker process (Ark's
+            ``workerNum``), 1..10000.
+        timeout: per-request deadline in seconds, counted from the request's first send,
+            1 s..72 h (default 24 h). Retries, pauses and queueing all happen inside it.
+        attempt_timeout: optional bound on one attempt, seconds; default ``None`` lets an
+            attempt run until the deadline (the server may queue a batch request for hours).
+        connect_timeout: TCP/TLS connect bound, seconds (0.1..300).
+        backoff: :class:`Backoff` for retries without ``Retry-After``.
+        max_invalid_responses: how many 200 answers with unparseable JSON a request may
+            get before it fails (1..20).
+
+    Example:
+        >>> ClientConfig("ep-123").endpoint.model
+        'ep-123'
+    """
+
+    endpoint: Endpoint
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    timeout: float = DEFAULT_TIMEOUT
+    attempt_timeout: float | None = None
+    connect_timeout: float = 10.0
+    backoff: Backoff = dataclasses.field(default_factory=Backoff)
+    max_invalid_responses: int = 3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.endpoint, str):
+            object.__setattr__(self, "endpoint", Endpoint(self.endpoint))
+        if not isinstance(self.endpoint, Endpoint):
+            raise ValueError(f"endpoint must be an Endpoint or a str, got {self.endpoint!r}")
+        if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int):
+            raise ValueError(
+                f"max_concurrency must be an integer in 1..10000, got {self.max_concurrency!r}"
+            )
+        _check_range("max_concurrency", self.max_concurrency, *MAX_CONCURRENCY_RANGE)
+        _check_range("timeout", self.timeout, *TIMEOUT_RANGE, " s")
+        if self.attempt_timeout is not None:
+            _check_range("attempt_timeout", self.attempt_timeout, 0.01, TIMEOUT_RANGE[1], " s")
+        _check_range("connect_timeout", self.connect_timeout, 0.1, 300.0, " s")
+        if not isinstance(self.backoff, Backoff):
+            raise ValueError(f"backoff must be a Backoff, got {self.backoff!r}")
+        _check_range("max_invalid_responses", self.max_invalid_responses, 1, 20)
+
+    def describe(self) -> dict[str, Any]:
+        """A flat, key-free description (for display_data and logs)."""
+        return {
+            "model": self.endpoint.model or "",
+            "url": self.endpoint.url,
+            "api_key_env": self.endpoint.api_key_env,
+            "max_concurrency": self.max_concurrency,
+            "timeout_s": self.timeout,
+            "attempt_timeout_s": self.attempt_timeout or 0.0,
+            "connect_timeout_s": self.connect_timeout,
+            "backoff": f"{self.backoff.initial:g}s x{self.backoff.factor:g} "
+            f"cap {self.backoff.max_delay:g}s jitter {self.backoff.jitter:g}",
+        }

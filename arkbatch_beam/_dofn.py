@@ -1,0 +1,185 @@
+"""The sliding-window inference DoFn, and the parse DoFn in front of it.
+
+``_InferDoFn.process`` hands requests to the per-process shared runtime in small batches (one
+thread hop per batch, not per element) and yields results as they complete, in the window
+and timestamp of their input. At most ``max_pending`` requests are outstanding per bundle:
+when full, ``process`` blocks on the first to complete (back-pressure), never on a whole
+batch, so one slow request never idles the other slots. ``finish_bundle`` drains the rest.
+
+Example:
+    >>> import apache_beam as beam
+import orjson
+    >>> from arkbatch_beam._dofn import ParseDoFn
+    >>> from arkbatch_beam._inputs import InputOptions
+    >>> with beam.Pipeline() as p:
+    ...     _ = (p | beam.Create(["hello"]) | beam.ParDo(ParseDoFn(InputOptions()))
+    ...            | beam.Map(lambda r: print(r.body["messages"][0]["content"])))
+    hello
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
+
+from . import _runtime
+from ._config import ClientConfig
+from ._inputs import InputOptions, parse_input
+from ._types import ChatRequest, ChatResult
+
+FAILED_TAG = "failed"
+NAMESPACE = "arkbatch"
+
+
+def _json(body: dict[str, Any]) -> str:
+    return orjson.dumps(body).decode()
+
+
+class EndpointUnusable(RuntimeError):
+    """The endpoint rejected every request with 401/403/404: fail the job, not every row."""
+
+
+class ParseDoFn(beam.DoFn):
+    """Input line or dict -> :class:`ChatRequest` (main) or a failure row (``failed``)."""
+
+    def __init__(self, options: InputOptions) -> None:
+        self._options = options
+
+    def setup(self) -> None:
+        self._bad = Metrics.counter(NAMESPACE, "bad_input")
+        self._blank = Metrics.counter(NAMESPACE, "blank_lines")
+
+    def process(self, element: Any):
+        if isinstance(element, (str, bytes)) and not element.strip():
+            self._blank.inc()  # blank lines carry no prompt and no id: counted, not sent
+            return
+        parsed = parse_input(element, self._options)
+        if isinstance(parsed, ChatRequest):
+            yield parsed
+        else:
+            self._bad.inc()
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, parsed.to_row())
+
+
+class InferDoFn(beam.DoFn):
+    """Requests -> result rows (main) and failure rows (``failed``), via the shared runtime.
+
+    Args:
+        config: the client configuration (key to the per-process runtime).
+        max_pending: most requests outstanding per bundle (default 2 x max_concurrency).
+        handoff: how many requests to hand to the loop thread at once.
+        include_request: also keep ``request_json`` on ok rows (failures always keep it).
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        max_pending: int | None = None,
+        handoff: int = 64,
+        include_request: bool = False,
+    ) -> None:
+        self._config = config
+        self._max_pending = max_pending or max(2 * config.max_concurrency, 2)
+        self._handoff = max(1, min(handoff, self._max_pending))
+        self._include_request = include_request
+        self._rt: _runtime.SharedRuntime | None = None
+
+    def display_data(self) -> dict[str, Any]:
+        return self._config.describe()
+
+    def setup(self) -> None:
+        self._rt = _runtime.acquire(self._config)
+        self._requests = Metrics.counter(NAMESPACE, "requests")
+        self._ok = Metrics.counter(NAMESPACE, "ok")
+        self._failed = Metrics.counter(NAMESPACE, "failed")
+        self._retries = Metrics.counter(NAMESPACE, "retries")
+        self._paused = Metrics.counter(NAMESPACE, "paused_seconds")
+        self._ptok = Metrics.counter(NAMESPACE, "prompt_tokens")
+        self._ctok = Metrics.counter(NAMESPACE, "completion_tokens")
+        self._latency = Metrics.distribution(NAMESPACE, "latency_ms")
+
+    def start_bundle(self) -> None:
+        self._done: queue.SimpleQueue[tuple[Any, ChatResult]] = queue.SimpleQueue()
+        self._outbox: list[tuple[ChatRequest, Any]] = []
+        self._outstanding = 0
+
+    def process(
+        self,
+        request: ChatRequest,
+        window: Any = beam.DoFn.WindowParam,
+        timestamp: Any = beam.DoFn.TimestampParam,
+    ):
+        self._outbox.append((request, (window, timestamp, request)))
+        self._outstanding += 1
+        self._requests.inc()
+        if len(self._outbox) >= self._handoff:
+            self._flush()
+        # Emit whatever is finished, without waiting.
+        done = self._done
+        while not done.empty():
+            yield self._emit(*done.get_nowait())
+        # Back-pressure: wait for the first completion when the window is full.
+        while self._outstanding >= self._max_pending:
+            self._flush()
+            yield self._emit(*self._get())
+
+    def finish_bundle(self):
+        self._flush()
+        while self._outstanding > 0:
+            yield self._emit(*self._get())
+        if self._rt is not None:
+            paused = self._rt.take_paused_seconds()
+            if paused:
+                self._paused.inc(int(round(paused)))
+
+    def teardown(self) -> None:
+        if self._rt is not None:
+            _runtime.release(self._rt)
+            self._rt = None
+
+    # -- internals -----------------------------------------------------------------------
+    def _flush(self) -> None:
+        if self._outbox:
+            assert self._rt is not None
+            self._rt.submit_many(self._outbox, self._put)
+            self._outbox = []
+
+    def _put(self, tag: Any, result: ChatResult) -> None:
+        self._done.put((tag, result))
+
+    def _get(self) -> tuple[Any, ChatResult]:
+        while True:
+            try:
+                return self._done.get(timeout=5.0)
+            except queue.Empty:
+                self._check_fatal()
+
+    def _check_fatal(self) -> None:
+        if self._rt is not None and self._rt.fatal:
+            raise EndpointUnusable(self._rt.fatal)
+
+    def _emit(self, tag: Any, result: ChatResult) -> Any:
+        self._outstanding -= 1
+        window, timestamp, request = tag
+        if result.ok:
+            self._ok.inc()
+            if result.prompt_tokens:
+                self._ptok.inc(result.prompt_tokens)
+            if result.completion_tokens:
+                self._ctok.inc(result.completion_tokens)
+            if result.latency_ms is not None:
+                self._latency.update(int(result.latency_ms))
+            if self._include_request:
+                result.request_json = request.raw or _json(request.body)
+        else:
+            self._failed.inc()
+            self._check_fatal()
+        if result.attempts > 1:
+            self._retries.inc(result.attempts - 1)
+        wv = WindowedValue(result.to_row(), timestamp, (window,))
+        return wv if result.ok else beam.pvalue.TaggedOutput(FAILED_TAG, wv)

@@ -1,0 +1,211 @@
+"""The pushback gate: the in-flight cap, the congestion window, and server-announced pauses.
+
+One gate per model per process (the shared runtime owns it). It replaces both a plain
+semaphore and Ark's client-side "breaker":
+
+* **Cap and window.** At most ``limit`` requests are in flight; ``limit`` starts at
+  ``max_concurrency`` and never exceeds it. Each success grows it by one (a doubling per
+  round trip: slow start), each rate-limit refusal halves it.
+* **Announced pause (the breaker).** A refusal that names a ``Retry-After`` closes the gate
+  to *new* sends until that time (those already in flight continue), exactly like Ark's
+  breaker. When the pause ends, sending resumes from a small window and ramps back up.
+* **A lone 429 does not stall the process.** The pause above is provisional: if a request
+  that was *sent after* the refused one comes back ``ok``, the server is evidently still
+  serving, so the refusal was a lone rate-limit. The gate then reopens at once with a
+  halved window instead of waiting out the ``Retry-After`` (the refused request itself
+  still waits out its own ``Retry-After``: that is the client's job, not the gate's).
+
+Timers use the event loop's clock (``loop.time()``/``loop.call_at``); nothing polls.
+
+Example:
+    >>> import asyncio
+    >>> async def demo():
+    ...     gate = PushbackGate(2)
+    ...     a, b = await gate.acquire(), await gate.acquire()
+    ...     print(gate.in_flight, gate.try_acquire())
+    ...     gate.release(a, OK)
+    ...     gate.release(b, OK)
+    ...     print(gate.in_flight)
+    >>> asyncio.run(demo())
+    2 None
+    0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Any
+
+# Outcomes reported to release().
+OK = "ok"  # a completed answer: grows the window, may lift a provisional pause
+REFUSED = "refused"  # 429 / 503-with-Retry-After: halves the window
+NEUTRAL = "neutral"  # anything else (5xx, resets, 4xx): no signal about load
+
+
+class PushbackGate:
+    """Admission control for one model in one process.
+
+    Args:
+        max_concurrency: the cap; ``limit`` never exceeds it.
+        loop: the event loop whose clock and timers to use (default: the running loop).
+        clock: override for ``loop.time`` (tests pass a fake clock).
+        call_at: override for ``loop.call_at`` (tests pass a fake scheduler).
+        restart_fraction: after a pause, sending resumes at this fraction of the cap.
+    """
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        clock: Callable[[], float] | None = None,
+        call_at: Callable[..., Any] | None = None,
+        restart_fraction: float = 1 / 8,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self._loop = loop
+        self._clock = clock
+        self._call_at = call_at
+        self.max_concurrency = max_concurrency
+        self._restart = max(1, int(max_concurrency * restart_fraction))
+        # Invariant: 1 <= limit <= max_concurrency; in_flight may exceed limit only right
+        # after a halving (those requests were admitted under the old limit).
+        self.limit: float = float(max_concurrency)
+        self.in_flight = 0
+        self._seq = 0  # admission counter: a ticket is the seq number of its admission
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+        # Pause state: no admissions while now < paused_until. _hold_seq is the latest
+        # ticket refused with a Retry-After in this pause; an OK for a later ticket lifts it.
+        self.paused_until = 0.0
+        self._hold_seq = -1
+        self._timer: Any = None
+        self._pause_started: float | None = None
+        # Figures for metrics and tests.
+        self.pauses = 0
+        self.paused_seconds = 0.0
+        self.lifted_early = 0
+        self.refusals = 0
+
+    # -- clock ---------------------------------------------------------------------------
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def now(self) -> float:
+        """The gate's clock (the loop's monotonic time unless overridden)."""
+        return self._clock() if self._clock is not None else self._get_loop().time()
+
+    @property
+    def paused(self) -> bool:
+        """True while new sends are held back by an announced pause."""
+        return self.paused_until > 0.0 and self.now() < self.paused_until
+
+    # -- admission -----------------------------------------------------------------------
+    def _can_admit(self) -> bool:
+        return self.in_flight < self.limit and not self.paused
+
+    def try_acquire(self) -> int | None:
+        """Admit one request now if the gate allows it; returns its ticket or ``None``."""
+        if self._waiters or not self._can_admit():
+            return None
+        return self._admit()
+
+    def _admit(self) -> int:
+        self.in_flight += 1
+        self._seq += 1
+        return self._seq
+
+    async def acquire(self) -> int:
+        """Wait for admission (FIFO) and return a ticket to pass back to :meth:`release`."""
+        ticket = self.try_acquire()
+        if ticket is not None:
+            return ticket
+        fut: asyncio.Future[int] = self._get_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # Admitted in the same tick we were cancelled: give the slot back.
+                self.release(fut.result(), NEUTRAL)
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    def _wake(self) -> None:
+        while self._waiters and self._can_admit():
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(self._admit())
+
+    # -- feedback ------------------------------------------------------------------------
+    def release(self, ticket: int, outcome: str, retry_after: float | None = None) -> None:
+        """Return a slot and report how the attempt went.
+
+        Args:
+            ticket: what :meth:`acquire` returned.
+            outcome: ``OK``, ``REFUSED`` or ``NEUTRAL``.
+            retry_after: for ``REFUSED``, the seconds the server announced (if any).
+        """
+        self.in_flight -= 1
+        if outcome == OK:
+            if self.limit < self.max_concurrency:
+                self.limit = min(float(self.max_concurrency), self.limit + 1.0)
+            if self._hold_seq >= 0 and ticket > self._hold_seq and self.paused:
+                # A request sent after the refused one was served: a lone rate-limit,
+                # not a pause. Reopen now; the window was already halved.
+                self.lifted_early += 1
+                self._end_pause(restart=False)
+        elif outcome == REFUSED:
+            self.refusals += 1
+            self.limit = max(1.0, self.limit / 2.0)
+            if retry_after is not None and retry_after > 0:
+                self._pause(ticket, retry_after)
+        self._wake()
+
+    def _pause(self, ticket: int, retry_after: float) -> None:
+        now = self.now()
+        until = now + retry_after
+        self._hold_seq = max(self._hold_seq, ticket)
+        if until <= self.paused_until:
+            return
+        if not self.paused:
+            self.pauses += 1
+            self._pause_started = now
+        self.paused_until = until
+        if self._timer is not None:
+            self._timer.cancel()
+        call_at = self._call_at or self._get_loop().call_at
+        self._timer = call_at(until, self._on_pause_timer)
+
+    def _on_pause_timer(self) -> None:
+        self._timer = None
+        self._end_pause(restart=True)
+
+    def _end_pause(self, *, restart: bool) -> None:
+        now = self.now()
+        if self._pause_started is not None:
+            self.paused_seconds += max(0.0, min(now, self.paused_until) - self._pause_started)
+        self._pause_started = None
+        self.paused_until = 0.0
+        self._hold_seq = -1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if restart:
+            # Slow start: resume from a small window; each OK adds one slot.
+            self.limit = float(self._restart)
+        self._wake()
+
+    def close(self) -> None:
+        """Cancel the timer and fail nobody: waiters are cancelled by their owners."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,154 @@
+"""Pure retry decisions: ``Retry-After`` parsing and the next delay (or giving up).
+
+Nothing here sleeps or reads a clock: the caller passes ``now`` and ``deadline`` (the
+loop's monotonic clock) and, for HTTP-dates, the wall-clock time. Tests are exact.
+
+Example:
+    >>> from arkbatch_beam._config import Backoff
+    >>> from arkbatch_beam._errors import RetryableStatus
+    >>> d = next_delay(1, RetryableStatus("busy", http_status=503), now=0.0, deadline=60.0,
+    ...                backoff=Backoff(jitter=0.0))
+    >>> d.delay, d.give_up
+    (0.5, False)
+    >>> next_delay(1, RetryableStatus("busy", retry_after=90), now=0.0, deadline=60.0,
+    ...            backoff=Backoff()).give_up
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import email.utils
+import math
+from collections.abc import Mapping
+
+from ._config import Backoff
+from ._errors import ArkError, InvalidResponse
+
+# A Retry-After longer than this is treated as "this long" (72 h: the longest deadline).
+MAX_RETRY_AFTER = 72 * 3600.0
+
+
+def _parse_seconds(value: str) -> float | None:
+    try:
+        secs = float(value.strip())
+    except ValueError:
+        return None
+    if math.isnan(secs) or math.isinf(secs) or secs < 0:
+        return None
+    return min(secs, MAX_RETRY_AFTER)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """Case-insensitive header look-up for both multidicts and plain dicts."""
+    value = headers.get(name)
+    if value is None and not hasattr(headers, "getone"):
+        for key, val in headers.items():
+            if key.lower() == name:
+                return val
+    return value
+
+
+def parse_retry_after(headers: Mapping[str, str], wall_now: float) -> float | None:
+    """Seconds to wait, from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP-date).
+
+    Args:
+        headers: response headers (case-insensitive mapping, or plain dict).
+        wall_now: current Unix time, to turn an HTTP-date into a delay.
+
+    Returns:
+        The delay in seconds (>= 0), or ``None`` when the server named none (or it was
+        unreadable). ``retry-after-ms`` wins when both are present (it is more precise).
+
+    Example:
+        >>> parse_retry_after({"Retry-After": "1.5"}, 0.0)
+        1.5
+        >>> parse_retry_after({"retry-after-ms": "250"}, 0.0)
+        0.25
+        >>> parse_retry_after({"Retry-After": "Thu, 01 Jan 1970 00:00:10 GMT"}, 4.0)
+        6.0
+    """
+    ms = _header(headers, "retry-after-ms")
+    if ms is not None:
+        secs = _parse_seconds(ms)
+        if secs is not None:
+            return min(secs / 1000.0, MAX_RETRY_AFTER)
+    value = _header(headers, "retry-after")
+    if value is None:
+        return None
+    secs = _parse_seconds(value)
+    if secs is not None:
+        return secs
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return min(max(0.0, when.timestamp() - wall_now), MAX_RETRY_AFTER)
+
+
+def backoff_delay(attempt: int, backoff: Backoff, rand: float) -> float:
+    """Delay before retry number ``attempt`` (1 = first retry), with jitter ``rand`` in [0, 1).
+
+    Example:
+        >>> [backoff_delay(n, Backoff(jitter=0.0), 0.0) for n in (1, 2, 3, 4, 5, 6)]
+        [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    """
+    exp = min(attempt - 1, 64)
+    base = min(backoff.max_delay, backoff.initial * (backoff.factor**exp))
+    return base * (1.0 - backoff.jitter * rand)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do after a failed attempt: wait ``delay`` seconds, or give up."""
+
+    delay: float
+    give_up: bool
+    reason: str = ""
+    # True when the delay is the server's Retry-After (the request must not go before it).
+    server_said: bool = False
+
+
+def next_delay(
+    attempt: int,
+    error: ArkError,
+    *,
+    now: float,
+    deadline: float,
+    backoff: Backoff,
+    rand: float = 0.5,
+    invalid_responses: int = 0,
+    max_invalid_responses: int = 3,
+) -> Decision:
+    """Decide what follows attempt number ``attempt`` that ended in ``error``.
+
+    Args:
+        attempt: attempts made so far (>= 1).
+        error: the mapped error of the last attempt.
+        now: current time on the same clock as ``deadline``.
+        deadline: the request's deadline (first send + timeout).
+        backoff: exponential backoff settings, used when the server named no wait.
+        rand: a number in [0, 1) for jitter (pass ``random.random()``).
+        invalid_responses: how many invalid 200 answers this request has had so far.
+        max_invalid_responses: give up after this many.
+
+    Returns:
+        A :class:`Decision`. ``give_up`` with reason ``"deadline_exceeded"`` when the wait
+        would end at or after the deadline: nothing ever sleeps past a deadline.
+    """
+    if not error.retryable:
+        return Decision(0.0, True, error.error_type)
+    if isinstance(error, InvalidResponse) and invalid_responses >= max_invalid_responses:
+        return Decision(0.0, True, "invalid_response")
+    if error.retry_after is not None:
+        delay, server_said = error.retry_after, True
+    else:
+        delay, server_said = backoff_delay(attempt, backoff, rand), False
+    if now + delay >= deadline:
+        return Decision(delay, True, "deadline_exceeded", server_said)
+    return Decision(delay, False, "", server_said)

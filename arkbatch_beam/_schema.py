@@ -1,0 +1,42 @@
+"""The one Arrow schema of every output row (results and failures alike).
+
+Example:
+    >>> from arkbatch_beam import OUTPUT_SCHEMA
+    >>> OUTPUT_SCHEMA.names[:3]
+    ['custom_id', 'status', 'model']
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ._types import RESULT_FIELDS
+
+OUTPUT_SCHEMA: pa.Schema = pa.schema(
+    [
+        pa.field("custom_id", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "failed"
+        pa.field("model", pa.string()),
+        pa.field("response_id", pa.string()),
+        pa.field("content", pa.string()),
+        pa.field("reasoning_content", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("total_tokens", pa.int64()),
+        pa.field("cached_tokens", pa.int64()),
+        pa.field("reasoning_tokens", pa.int64()),
+        pa.field("http_status", pa.int32()),
+        pa.field("error_type", pa.string()),
+        pa.field("error_code", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("retryable", pa.bool_()),
+        pa.field("attempts", pa.int32()),
+        pa.field("latency_ms", pa.float64()),
+        pa.field("request_id", pa.string()),
+        pa.field("request_json", pa.string()),
+        pa.field("response_json", pa.string()),
+    ]
+)
+
+assert tuple(OUTPUT_SCHEMA.names) == RESULT_FIELDS, "schema and ChatResult drifted apart"

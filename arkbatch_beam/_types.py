@@ -1,0 +1,97 @@
+"""The two values that flow through the pipeline: a request in, a result out.
+
+Kept apart from the client so the input parser and the schema can use them without
+importing aiohttp. ``ChatResult``'s fields *are* the output schema's columns, in order.
+
+Example:
+    >>> r = ChatRequest("id-1", {"messages": [{"role": "user", "content": "hi"}]})
+    >>> r.custom_id
+    'id-1'
+    >>> ChatResult.failure("id-2", "bad_input", "no messages").to_row()["status"]
+    'failed'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One chat request: a stable id and an OpenAI-format body.
+
+    Args:
+        custom_id: the caller's id (or one derived from the content); unique per job.
+        body: the ``/chat/completions`` JSON body (``model`` may be left to the endpoint).
+        raw: the original input line, kept so a failure row can be fixed and re-run.
+    """
+
+    custom_id: str
+    body: dict[str, Any]
+    raw: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class ChatResult:
+    """One output row: an answer, or a failure with its reason. Field order = schema order."""
+
+    custom_id: str
+    status: str
+    model: str | None = None
+    response_id: str | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    http_status: int | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retryable: bool | None = None
+    attempts: int = 0
+    latency_ms: float | None = None
+    request_id: str | None = None
+    request_json: str | None = None
+    response_json: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True for an answered request."""
+        return self.status == STATUS_OK
+
+    def to_row(self) -> dict[str, Any]:
+        """The row as a plain dict, keys in schema order."""
+        return {f: getattr(self, f) for f in RESULT_FIELDS}
+
+    @classmethod
+    def failure(
+        cls,
+        custom_id: str,
+        error_type: str,
+        message: str,
+        *,
+        request_json: str | None = None,
+        retryable: bool = False,
+        **kw: Any,
+    ) -> ChatResult:
+        """A failure row that never reached (or never got through to) the server."""
+        return cls(
+            custom_id=custom_id,
+            status=STATUS_FAILED,
+            error_type=error_type,
+            error_message=message,
+            retryable=retryable,
+            request_json=request_json,
+            **kw,
+        )
+
+
+RESULT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ChatResult))

@@ -1,0 +1,125 @@
+"""``BatchChatInference``: the PTransform users put between a reader and a writer.
+
+    p | ReadFromText(...) | BatchChatInference("ep-...") | WriteResults(out)
+
+Its ``expand()`` only composes: parse/normalise -> reshuffle -> infer (through the
+per-worker shared runtime) -> rows. By default it returns one PCollection holding every row,
+answered or failed (the ``status`` column tells which), so nothing is lost between steps;
+``.with_exception_handling()`` returns ``(results, failures)`` instead, in the spirit of
+RunInference.
+
+Example:
+    >>> import os, apache_beam as beam
+    >>> from arkbatch_beam import BatchChatInference, Endpoint
+    >>> from arkbatch_beam.testing import FakeArkServer
+    >>> with FakeArkServer(api_key=None) as server:
+    ...     ep = Endpoint("ep-demo", base_url=server.base_url, api_key_env="")
+    ...     with beam.Pipeline() as p:
+    ...         _ = (p | beam.Create(["hello", "{bad json"])
+    ...                | BatchChatInference(ep, max_concurrency=8)
+    ...                | beam.Map(lambda r: print(r["status"], r["content"] or r["error_type"])))
+    failed invalid_json
+    ok echo: hello
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam as beam
+
+from ._config import Backoff, ClientConfig, Endpoint
+from ._dofn import FAILED_TAG, InferDoFn, ParseDoFn
+from ._inputs import InputOptions
+
+
+class BatchChatInference(beam.PTransform):
+    """Chat inference over a PCollection of JSONL lines (str) or dicts.
+
+    Args:
+        endpoint: an Ark endpoint id (``"ep-..."``: Ark's base URL, batch path, key from
+            ``ARK_API_KEY``), an :class:`Endpoint` for any OpenAI-compatible server, or a
+            complete :class:`ClientConfig` (then the next four arguments must be left unset).
+        max_concurrency: most requests in flight per worker process (Ark's workerNum).
+        timeout: per-request deadline in seconds (1 s .. 72 h, default 24 h).
+        attempt_timeout: optional bound on one attempt, seconds.
+        backoff: retry backoff for answers without ``Retry-After``.
+        input_options: how lines become requests (:class:`InputOptions`).
+        reshuffle: redistribute requests across workers before inference (default on).
+        include_request: keep ``request_json`` on ok rows too (failures always keep it).
+        max_pending: most outstanding requests per bundle (default 2 x max_concurrency).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | Endpoint | ClientConfig,
+        *,
+        max_concurrency: int | None = None,
+        timeout: float | None = None,
+        attempt_timeout: float | None = None,
+        backoff: Backoff | None = None,
+        input_options: InputOptions | None = None,
+        reshuffle: bool = True,
+        include_request: bool = False,
+        max_pending: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(endpoint, ClientConfig):
+            if any(v is not None for v in (max_concurrency, timeout, attempt_timeout, backoff)):
+                raise ValueError(
+                    "pass max_concurrency/timeout/attempt_timeout/backoff inside the ClientConfig"
+                )
+            config = endpoint
+        else:
+            kw: dict[str, Any] = {}
+            if max_concurrency is not None:
+                kw["max_concurrency"] = max_concurrency
+            if timeout is not None:
+                kw["timeout"] = timeout
+            if attempt_timeout is not None:
+                kw["attempt_timeout"] = attempt_timeout
+            if backoff is not None:
+                kw["backoff"] = backoff
+            config = ClientConfig(Endpoint(endpoint) if isinstance(endpoint, str) else endpoint, **kw)
+        self.config = config
+        self.input_options = input_options or InputOptions(
+            model=config.endpoint.model, batch_path=config.endpoint.is_batch
+        )
+        self._reshuffle = reshuffle
+        self._include_request = include_request
+        if max_pending is not None and not 1 <= max_pending <= 1_000_000:
+            raise ValueError(f"max_pending must be in 1..1000000, got {max_pending}")
+        self._max_pending = max_pending
+        self._split = False
+
+    def with_exception_handling(self) -> BatchChatInference:
+        """Return ``(results, failures)`` from ``expand`` instead of one PCollection."""
+        self._split = True
+        return self
+
+    def display_data(self) -> dict[str, Any]:
+        data = dict(self.config.describe())
+        data["input_format"] = self.input_options.input_format
+        return data
+
+    def __repr__(self) -> str:
+        return f"BatchChatInference({self.config.endpoint.url!r})"
+
+    def expand(self, lines: beam.PCollection) -> Any:
+        parsed = lines | "Parse" >> beam.ParDo(ParseDoFn(self.input_options)).with_outputs(
+            FAILED_TAG, main="requests"
+        )
+        requests = parsed.requests
+        if self._reshuffle:
+            requests = requests | "Reshuffle" >> beam.Reshuffle()
+        inferred = requests | "Infer" >> beam.ParDo(
+            InferDoFn(
+                self.config,
+                max_pending=self._max_pending,
+                include_request=self._include_request,
+            )
+        ).with_outputs(FAILED_TAG, main="ok")
+        failures = (parsed[FAILED_TAG], inferred[FAILED_TAG]) | "Failures" >> beam.Flatten()
+        if self._split:
+            return inferred.ok, failures
+        return (inferred.ok, failures) | "AllRows" >> beam.Flatten()

@@ -1,0 +1,239 @@
+"""The batch chat CLI: JSONL prompts in, Parquet results and failures out.
+
+Usage (any Beam pipeline option passes through: --runner, --direct_num_workers, ...)::
+
+    export ARK_API_KEY=...
+    python -m pipelines.batch_chat --input 'prompts/*.jsonl' --output out/ \\
+        --model ep-2024... --max_concurrency 500 --timeout 86400
+
+Options become one validated config here, at the edge; a bad option fails before the
+pipeline starts, naming the option and its accepted range. The exit code is 0 when the
+pipeline ran, even if some rows failed; the last line printed is a one-line summary.
+
+Example:
+    >>> from pipelines.batch_chat import build_parser
+    >>> build_parser().parse_known_args(["--input", "a.jsonl", "--output", "o"])[0].max_concurrency
+    500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from arkbatch_beam import (
+    ARK_BASE_URL,
+    ARK_BATCH_PATH,
+    Backoff,
+    BatchChatInference,
+    ClientConfig,
+    Endpoint,
+    InputOptions,
+    WriteResults,
+)
+from arkbatch_beam._config import DEFAULT_MAX_CONCURRENCY, DEFAULT_TIMEOUT
+from arkbatch_beam._dofn import NAMESPACE
+
+log = logging.getLogger("arkbatch_beam")
+
+
+class UsageError(Exception):
+    """A bad option or environment, reported before the pipeline starts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's own flags (Beam's pipeline options are parsed separately)."""
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.batch_chat",
+        description="Run chat prompts through Ark batch inference (or any OpenAI-compatible "
+        "endpoint) on Apache Beam; write Parquet results and failures.",
+    )
+    p.add_argument("--input", required=True, help="JSONL/text path or glob (local or gs://)")
+    p.add_argument("--output", required=True, help="output folder (local or gs://)")
+    p.add_argument("--model", default=None, help="endpoint id / model for bodies without one")
+    p.add_argument("--base_url", default=ARK_BASE_URL)
+    p.add_argument("--path", default=ARK_BATCH_PATH, help="/batch/chat/completions or /chat/completions")
+    p.add_argument("--api_key_env", default="ARK_API_KEY", help="env var holding the key ('' = none)")
+    p.add_argument("--max_concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY,
+                   help="requests in flight per worker process, 1..10000")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="per-request deadline in seconds, 1..259200 (72 h)")
+    p.add_argument("--attempt_timeout", type=float, default=None, help="bound on one attempt, s")
+    p.add_argument("--connect_timeout", type=float, default=10.0)
+    p.add_argument("--backoff_initial", type=float, default=0.5)
+    p.add_argument("--backoff_max", type=float, default=8.0)
+    p.add_argument("--input_format", default="auto", help="auto|batch|chat|text")
+    p.add_argument("--system", default=None, help="system prompt for plain-text prompts")
+    p.add_argument("--strict_model", action="store_true", help="reject bodies whose model differs")
+    p.add_argument("--max_request_bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--include_request", action="store_true", help="keep request_json on ok rows")
+    p.add_argument("--part_rows", type=int, default=2000, help="rows per Parquet part, at most")
+    p.add_argument("--part_seconds", type=float, default=10.0, help="part age before it is written")
+    p.add_argument("--no_preflight", action="store_true", help="skip the endpoint reachability check")
+    return p
+
+
+def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
+    try:
+        endpoint = Endpoint(
+            args.model, base_url=args.base_url, path=args.path, api_key_env=args.api_key_env
+        )
+        config = ClientConfig(
+            endpoint,
+            max_concurrency=args.max_concurrency,
+            timeout=args.timeout,
+            attempt_timeout=args.attempt_timeout,
+            connect_timeout=args.connect_timeout,
+            backoff=Backoff(initial=args.backoff_initial, max_delay=args.backoff_max),
+        )
+        inputs = InputOptions(
+            input_format=args.input_format,
+            system=args.system,
+            model=args.model,
+            strict_model=args.strict_model,
+            max_request_bytes=args.max_request_bytes,
+            batch_path=endpoint.is_batch,
+        )
+        if not 1 <= args.part_rows <= 10_000_000:
+            raise ValueError(f"part_rows must be in 1..10000000, got {args.part_rows}")
+        if not 0.1 <= args.part_seconds <= 86400:
+            raise ValueError(f"part_seconds must be in 0.1..86400, got {args.part_seconds}")
+    except ValueError as exc:
+        msg = str(exc)
+        if msg.startswith("backoff."):
+            msg = "--backoff_" + msg[len("backoff."):].replace("max_delay", "max", 1)
+        else:
+            msg = "--" + msg
+        raise UsageError(msg) from None
+    return config, inputs
+
+
+def preflight(config: ClientConfig) -> None:
+    """Fail fast when the endpoint is unreachable or its path does not exist.
+
+    Sends one ``GET`` (not a chat request, so nothing is billed or counted as an answer).
+    """
+    ep = config.endpoint
+    req = urllib.request.Request(ep.url, method="GET")
+    key = os.environ.get(ep.api_key_env, "") if ep.api_key_env else ""
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=config.connect_timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise UsageError(
+                f"endpoint {ep.url} answered 404: check --base_url and --path"
+            ) from None
+        if exc.code in (401, 403):
+            raise UsageError(
+                f"endpoint {ep.url} refused the key in ${ep.api_key_env} (HTTP {exc.code})"
+            ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UsageError(f"endpoint {ep.url} is unreachable: {reason}") from None
+
+
+def _counter(result: Any, name: str) -> int:
+    try:
+        res = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE).with_name(name))
+    except Exception:  # noqa: BLE001 - some runners have no metrics
+        return 0
+    return int(sum(c.committed or 0 for c in res["counters"]))
+
+
+def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -> dict[str, Any]:
+    """Parse ``argv``, run the pipeline, print and return the summary."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args, beam_args = build_parser().parse_known_args(argv)
+    config, inputs = _config_from(args)
+    ep = config.endpoint
+    direct = not any(a.startswith("--runner") for a in beam_args) or any(
+        "DirectRunner" in a or "PrismRunner" in a for a in beam_args
+    )
+    if ep.api_key_env and not os.environ.get(ep.api_key_env):
+        if direct:
+            raise UsageError(
+                f"environment variable {ep.api_key_env} is not set: export the API key there "
+                "(it is read in the workers, never put in the pipeline)"
+            )
+        log.warning("%s is not set here; the workers must have it in their environment", ep.api_key_env)
+    if config.timeout < 600 and not ep.base_url.startswith(("http://127.", "http://localhost")):
+        log.warning("--timeout %gs is below Ark's advised 10 minutes for batch endpoints", config.timeout)
+    if not args.no_preflight:
+        preflight(config)
+    options = PipelineOptions(beam_args, save_main_session=save_main_session)
+    output = args.output.rstrip("/")
+    started = time.monotonic()
+    with beam.Pipeline(options=options) as p:
+        rows = (
+            p
+            | "Read" >> beam.io.ReadFromText(args.input)
+            | "Infer" >> BatchChatInference(
+                config, input_options=inputs, include_request=args.include_request
+            )
+        )
+        _ = rows | "Write" >> WriteResults(
+            output, max_rows=args.part_rows, max_seconds=args.part_seconds
+        )
+    result = p.result
+    wall = time.monotonic() - started
+    ok = _counter(result, "ok")
+    failed = _counter(result, "failed") + _counter(result, "bad_input")
+    summary = {
+        "ok": ok,
+        "failed": failed,
+        "wall_seconds": round(wall, 3),
+        "requests_per_second": round(_counter(result, "requests") / wall, 1) if wall > 0 else 0.0,
+        "retries": _counter(result, "retries"),
+        "prompt_tokens": _counter(result, "prompt_tokens"),
+        "completion_tokens": _counter(result, "completion_tokens"),
+        "output": output,
+    }
+    try:
+        with FileSystems.create(FileSystems.join(output, "summary.json")) as f:
+            f.write(json.dumps(summary, indent=2).encode())
+    except Exception:  # noqa: BLE001 - the summary file is a convenience
+        log.warning("could not write summary.json", exc_info=True)
+    print(
+        f"summary: ok={ok} failed={failed} wall={wall:.1f}s "
+        f"req/s={summary['requests_per_second']} output={output}",
+        flush=True,
+    )
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: exit 0 when the pipeline ran, 2 on a usage error, 1 when the job failed."""
+    try:
+        run(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the runner wraps worker errors
+        text = str(exc)
+        if "EndpointUnusable" in text or "MissingApiKey" in text:
+            line = next((ln for ln in text.splitlines() if "EndpointUnusable" in ln
+                         or "MissingApiKey" in ln), text)
+            print(f"error: {line.strip()}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

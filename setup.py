@@ -1,0 +1,38 @@
+"""Packaging for arkbatch-beam.
+
+Beam ships this package to Dataflow/Flink workers with ``--setup_file ./setup.py``.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="arkbatch-beam",
+    version="0.1.0",
+    description="Large offline chat-inference jobs on Apache Beam against Volcengine Ark "
+    "batch inference and any OpenAI-compatible chat endpoint.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.14",
+    packages=find_packages(include=["arkbatch_beam", "arkbatch_beam.*", "pipelines", "pipelines.*"]),
+    install_requires=[
+        "apache-beam[gcp]>=2.77.0,<2.78",
+        "aiohttp>=3.9,<4",
+        "pyarrow>=14.0.1,<26",
+        "google-cloud-storage>=2.18.2,<4",
+        "orjson>=3.9.7,<4",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pytest-timeout>=2.3,<3",
+            "hypothesis>=6.100,<7",
+            "ruff>=0.6,<1",
+            "psutil>=5.9,<8",
+        ],
+        "bench": [
+            "psutil>=5.9,<8",
+            "openai>=1.40,<3",
+            "volcengine-python-sdk[ark]>=4.0,<6",
+        ],
+    },
+)
