@@ -30,9 +30,9 @@ from ._errors import (
     RetryableStatus,
     TransportError,
 )
+from ._inputs import InputOptions, derive_id, parse_input
 from ._pacing import PushbackGate
 from ._retry import Decision, backoff_delay, next_delay, parse_retry_after
-from ._inputs import InputOptions, derive_id, parse_input
 from ._schema import OUTPUT_SCHEMA
 from ._sink import WriteResults
 from ._types import ChatRequest, ChatResult

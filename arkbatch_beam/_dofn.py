@@ -8,7 +8,6 @@ batch, so one slow request never idles the other slots. ``finish_bundle`` drains
 
 Example:
     >>> import apache_beam as beam
-import orjson
     >>> from arkbatch_beam._dofn import ParseDoFn
     >>> from arkbatch_beam._inputs import InputOptions
     >>> with beam.Pipeline() as p:
@@ -23,6 +22,7 @@ import queue
 from typing import Any
 
 import apache_beam as beam
+import orjson
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 

@@ -198,5 +198,5 @@ def mapped_transport_errors() -> Iterator[None]:
         yield
     except ArkError:
         raise
-    except (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError, OSError) as exc:
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise map_transport_error(exc) from exc
