@@ -1,0 +1,959 @@
+"""A fake Volcengine Ark batch-inference server for tests, demos and benchmarks.
+
+The server speaks the subset of the Ark chat-completions protocol that
+``arkbatch_beam`` uses (``POST /api/v3/batch/chat/completions``,
+``POST /api/v3/chat/completions`` and the OpenAI-compatible
+``POST /v1/chat/completions``). It answers deterministically
+(``"echo: <last user message>"``), can be scripted to misbehave with
+:class:`Fault` objects, can refuse all traffic for a while with
+:meth:`FakeArkServer.pause`, and counts everything it sees so tests can make
+assertions from another thread.
+
+It runs an aiohttp server in its own daemon thread with its own asyncio loop,
+so synchronous code, code running its own event loop, and Beam pipelines can
+all talk to it.
+
+Example::
+
+    import json
+    import urllib.request
+
+    from arkbatch_beam.testing import FakeArkServer
+
+    with FakeArkServer(api_key="test-key") as srv:
+        req = urllib.request.Request(
+            srv.base_url + "/batch/chat/completions",
+            data=json.dumps(
+                {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            ).encode(),
+            headers={
+                "Authorization": "Bearer test-key",
+                "Content-Type": "application/json",
+            },
+        )
+        with urllib.request.urlopen(req) as resp:
+            print(json.loads(resp.read())["choices"][0]["message"]["content"])
+        # -> echo: hi
+
+Command line::
+
+    python -m arkbatch_beam.testing.fake_server --port 8080 --latency 0.05
+
+Many concurrent connections: every connection uses a file descriptor in the
+process running the server (and one in the client). :meth:`FakeArkServer.start`
+tries to raise the soft ``RLIMIT_NOFILE`` to the hard limit; if the hard limit
+itself is low (e.g. 1024), run the test process under a larger ``ulimit -n``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import datetime
+import email.utils
+import functools
+import hashlib
+import hmac
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NoReturn, Self
+
+import orjson
+from aiohttp import web
+
+__all__ = ["FakeArkServer", "Fault", "main"]
+
+logger = logging.getLogger(__name__)
+
+_FAULT_KINDS = frozenset(
+    {"status", "reset", "truncate", "invalid_json", "hold", "empty"}
+)
+_PAUSE_FORMS = frozenset({"seconds", "float", "http-date", "ms"})
+_ERROR_TYPE_BY_STATUS: dict[int, str] = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    408: "RequestTimeout",
+    413: "RequestEntityTooLarge",
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+    504: "GatewayTimeout",
+}
+_JSON_CT = "application/json"
+_CREATED = 1700000000
+_ROUTES = (
+    "/api/v3/batch/chat/completions",
+    "/api/v3/chat/completions",
+    "/v1/chat/completions",
+)
+
+
+def _error_body(status: int, code: str, message: str, param: str = "") -> bytes:
+    """Serialise an Ark-style error object."""
+    return orjson.dumps(
+        {
+            "error": {
+                "code": code,
+                "message": message,
+                "type": _ERROR_TYPE_BY_STATUS.get(status, "ServerError"),
+                "param": param,
+            }
+        }
+    )
+
+
+def _content_text(content: Any) -> str:
+    """Return the text of a message ``content`` (a string or a list of parts).
+
+    Text parts of a multi-part content are joined with a single space;
+    anything else (``None``, images, ...) contributes nothing.
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _parse_request(raw: bytes) -> tuple[dict[str, Any] | None, str | None, int]:
+    """Parse a request body.
+
+    Returns ``(body, key, prompt_words)``; ``body`` is None when the body is
+    not a JSON object with a non-empty ``messages`` list of objects, and
+    ``key`` (the text of the last ``user`` message, ``""`` if there is none)
+    is None in the same case.
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, None, 0
+    if not isinstance(body, dict):
+        return None, None, 0
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None, None, 0
+    key = ""
+    words = 0
+    for msg in messages:
+        if not isinstance(msg, dict):
+            return None, None, 0
+        text = _content_text(msg.get("content"))
+        words += len(text.split())
+        if msg.get("role") == "user":
+            key = text
+    return body, key, max(words, 1)
+
+
+def _completion(model: str, key: str, prompt_words: int) -> bytes:
+    """Build the deterministic completion JSON for ``key``."""
+    answer = "echo: " + key
+    completion_words = len(answer.split())
+    message: dict[str, Any] = {"role": "assistant", "content": answer}
+    reasoning_words = 0
+    if "thinking" in model:
+        reasoning = "thinking about: " + key
+        message["reasoning_content"] = reasoning
+        reasoning_words = len(reasoning.split())
+    digest = hashlib.sha1(key.encode("utf-8"), usedforsecurity=False).hexdigest()
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-" + digest[:12],
+            "object": "chat.completion",
+            "model": model,
+            "created": _CREATED,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": prompt_words,
+                "completion_tokens": completion_words,
+                "total_tokens": prompt_words + completion_words,
+                "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": reasoning_words},
+            },
+        }
+    )
+
+
+class _HoldAccessor:
+    """Make ``Fault.hold`` both a field (on instances) and a constructor (on the class).
+
+    This is a non-data descriptor installed on :class:`Fault` after the
+    dataclass machinery ran: instances store ``hold`` in their ``__dict__``,
+    which shadows the descriptor, so ``fault.hold`` is the float field, while
+    ``Fault.hold(2.0)`` reaches :meth:`Fault._hold_ctor`.
+    """
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        """Return the constructor on class access, the field on instance access."""
+        if obj is None:
+            assert objtype is not None
+            return functools.partial(objtype._hold_ctor.__func__, objtype)  # type: ignore[attr-defined]
+        return obj.__dict__["hold"]  # pragma: no cover - shadowed by the instance dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """A scripted misbehaviour of :class:`FakeArkServer`.
+
+    Attributes:
+        kind: ``"status"`` (answer ``status`` with ``headers`` and an Ark
+            error built from ``code``/``message``), ``"reset"`` (abort the
+            connection without any HTTP response), ``"truncate"`` (200 with
+            the first half of a valid JSON answer), ``"invalid_json"`` (200
+            with body ``not json``), ``"hold"`` (wait ``hold`` seconds, or
+            until :meth:`FakeArkServer.release_holds`, then answer normally)
+            or ``"empty"`` (200 with an empty body).
+        match: apply only to requests whose key (last user message) equals
+            this; ``None`` matches every request.
+        times: how many matching requests the fault applies to; ``-1`` means
+            forever.
+        status: HTTP status for ``kind="status"``.
+        headers: extra response headers for ``kind="status"``; a mapping is
+            accepted and stored as a tuple of pairs so the fault stays hashable.
+        code: Ark error code for ``kind="status"``.
+        message: Ark error message for ``kind="status"``.
+        hold: seconds to hold for ``kind="hold"``.
+
+    ``Fault.hold(seconds, ...)`` called on the class is a convenience
+    constructor; on an instance ``fault.hold`` is the field.
+    """
+
+    kind: str
+    match: str | None = None
+    times: int = 1
+    status: int = 500
+    headers: Mapping[str, str] | tuple[tuple[str, str], ...] = ()
+    code: str = "InternalServiceError"
+    message: str = "fake fault"
+    hold: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Validate the fields and freeze ``headers`` into a tuple of pairs."""
+        if self.kind not in _FAULT_KINDS:
+            raise ValueError(
+                f"unknown fault kind {self.kind!r}; expected one of {sorted(_FAULT_KINDS)}"
+            )
+        if self.times == 0 or self.times < -1:
+            raise ValueError("times must be a positive count or -1 (forever)")
+        headers = self.headers
+        pairs = (
+            tuple(headers.items()) if isinstance(headers, Mapping) else tuple(headers)
+        )
+        object.__setattr__(self, "headers", tuple((str(k), str(v)) for k, v in pairs))
+
+    @classmethod
+    def rate_limited(
+        cls,
+        retry_after: str | None = "1",
+        *,
+        match: str | None = None,
+        times: int = 1,
+        header: str = "Retry-After",
+    ) -> Fault:
+        """A 429 ``RateLimitExceeded.EndpointRPMExceeded`` with an optional retry header.
+
+        ``header`` may be e.g. ``"retry-after-ms"``; ``retry_after=None`` sends
+        no retry header at all.
+        """
+        headers = {header: retry_after} if retry_after is not None else {}
+        return cls(
+            "status",
+            match=match,
+            times=times,
+            status=429,
+            headers=headers,
+            code="RateLimitExceeded.EndpointRPMExceeded",
+            message="The request rate of the endpoint exceeded the RPM limit (fake).",
+        )
+
+    @classmethod
+    def server_error(
+        cls,
+        status: int = 500,
+        *,
+        code: str = "InternalServiceError",
+        message: str = "fake fault",
+        headers: Mapping[str, str] | None = None,
+        match: str | None = None,
+        times: int = 1,
+    ) -> Fault:
+        """An error answer with the given status (500 by default)."""
+        return cls(
+            "status",
+            match=match,
+            times=times,
+            status=status,
+            headers=dict(headers or {}),
+            code=code,
+            message=message,
+        )
+
+    @classmethod
+    def bad_request(
+        cls,
+        message: str = "fake invalid parameter",
+        *,
+        match: str | None = None,
+        times: int = 1,
+    ) -> Fault:
+        """A 400 ``InvalidParameter`` answer."""
+        return cls(
+            "status",
+            match=match,
+            times=times,
+            status=400,
+            code="InvalidParameter",
+            message=message,
+        )
+
+    @classmethod
+    def unauthorized(cls, *, match: str | None = None, times: int = 1) -> Fault:
+        """A 401 ``AuthenticationError`` answer."""
+        return cls(
+            "status",
+            match=match,
+            times=times,
+            status=401,
+            code="AuthenticationError",
+            message="The API key in the request is missing or invalid (fake).",
+        )
+
+    @classmethod
+    def reset(cls, *, match: str | None = None, times: int = 1) -> Fault:
+        """Abort the connection without sending a response."""
+        return cls("reset", match=match, times=times)
+
+    @classmethod
+    def truncate(cls, *, match: str | None = None, times: int = 1) -> Fault:
+        """Answer 200 with only the first half of a valid JSON body."""
+        return cls("truncate", match=match, times=times)
+
+    @classmethod
+    def invalid_json(cls, *, match: str | None = None, times: int = 1) -> Fault:
+        """Answer 200 with the body ``not json``."""
+        return cls("invalid_json", match=match, times=times)
+
+    @classmethod
+    def empty(cls, *, match: str | None = None, times: int = 1) -> Fault:
+        """Answer 200 with an empty body."""
+        return cls("empty", match=match, times=times)
+
+    @classmethod
+    def _hold_ctor(
+        cls, seconds: float, *, match: str | None = None, times: int = 1
+    ) -> Fault:
+        """Hold matching requests ``seconds`` (or until released), then answer normally.
+
+        Reached as ``Fault.hold(seconds, match=..., times=...)``.
+        """
+        return cls("hold", match=match, times=times, hold=float(seconds))
+
+
+# ``Fault.hold`` on the class is the constructor; ``fault.hold`` is the field.
+# Installed after @dataclass so the field default (0.0) is unaffected.
+setattr(Fault, "hold", _HoldAccessor())  # noqa: B010
+
+
+class _FaultSlot:
+    """A registered fault and how many more requests it applies to."""
+
+    __slots__ = ("fault", "remaining")
+
+    def __init__(self, fault: Fault) -> None:
+        self.fault = fault
+        self.remaining = fault.times
+
+
+class FakeArkServer:
+    """A fake Ark / OpenAI-compatible chat-completions server in a background thread.
+
+    Counters (read them from any thread; they are updated under a lock in the
+    server thread; use :meth:`snapshot` for a consistent copy):
+
+    * ``total_requests``: every arrival at a chat route, faulted or not.
+    * ``ok_responses``: 200 answers carrying a real completion.
+    * ``in_flight`` / ``peak_in_flight``: requests currently being handled /
+      the maximum seen.
+    * ``attempts_by_key`` / ``ok_by_key``: per key (last user message)
+      arrivals / real completions.
+    * ``client_request_ids``: ``X-Client-Request-Id`` of every arrival
+      (``""`` if absent), in arrival order.
+    * ``statuses``: HTTP statuses sent (aborted connections are not counted).
+    * ``pause_started_at`` / ``pause_ends_at`` (``time.monotonic()``),
+      ``requests_during_pause`` and ``pause_arrival_times`` (seconds since
+      the pause started) for the latest :meth:`pause`.
+
+    Handling order of a request: count the arrival -> global pause (429, no
+    latency) -> latency -> authentication (401) -> validation (400) ->
+    scripted fault -> answer.
+    """
+
+    _SHUTDOWN_TIMEOUT: ClassVar[float] = 0.5
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = "test-key",
+        latency: float = 0.0,
+        latency_jitter: float = 0.0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        """Configure the server; call :meth:`start` (or use ``with``) to run it.
+
+        Args:
+            api_key: the expected ``Authorization: Bearer`` key; ``None``
+                disables authentication.
+            latency: seconds every answered request is delayed by
+                (settable attribute).
+            latency_jitter: extra uniform random delay in ``[0, jitter]``
+                seconds, from a ``random.Random(0)`` (settable attribute).
+            host: interface to listen on.
+            port: port to listen on; 0 picks a free port.
+        """
+        self._expected_auth = (
+            None if api_key is None else ("Bearer " + api_key).encode("utf-8")
+        )
+        self.latency = float(latency)
+        self.latency_jitter = float(latency_jitter)
+        self._host = host
+        self._requested_port = port
+        self._port: int | None = None
+        self._rng = random.Random(0)
+
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._faults: list[_FaultSlot] = []
+        self._callbacks: tuple[Callable[[int], None], ...] = ()
+
+        self.total_requests = 0
+        self.ok_responses = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.attempts_by_key: collections.Counter[str] = collections.Counter()
+        self.ok_by_key: collections.Counter[str] = collections.Counter()
+        self.client_request_ids: list[str] = []
+        self.statuses: collections.Counter[int] = collections.Counter()
+
+        self.pause_started_at: float | None = None
+        self.pause_ends_at: float | None = None
+        self.requests_during_pause = 0
+        self.pause_arrival_times: list[float] = []
+        self._pause_form = "seconds"
+        self._pause_http_date = ""
+
+        self._release_generation = 0
+        self._release_event: asyncio.Event | None = None
+        self._stopping = False
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._start_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Self:
+        """Start the server thread and block until the server is listening."""
+        if self._thread is not None:
+            raise RuntimeError("FakeArkServer already started")
+        _raise_nofile_limit()
+        self._stopping = False
+        self._start_error = None
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="FakeArkServer", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._thread = None
+            raise RuntimeError("FakeArkServer failed to start") from self._start_error
+        return self
+
+    def stop(self) -> None:
+        """Stop the server: cancel held requests, close connections, join the thread."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._astop(), loop).result(timeout=30)
+        except Exception:  # pragma: no cover - best effort shutdown
+            logger.exception("FakeArkServer: error while stopping")
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        self._thread = None
+        self._loop = None
+        self._runner = None
+
+    def __enter__(self) -> Self:
+        """Start the server."""
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Stop the server."""
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (only valid once started)."""
+        if self._port is None:
+            raise RuntimeError("FakeArkServer is not started")
+        return self._port
+
+    @property
+    def _url_host(self) -> str:
+        """Host part usable in a URL for connecting to this server."""
+        host = self._host
+        if host in ("", "0.0.0.0", "::"):
+            return "127.0.0.1"
+        return f"[{host}]" if ":" in host else host
+
+    @property
+    def base_url(self) -> str:
+        """Ark base URL, e.g. ``http://127.0.0.1:PORT/api/v3``."""
+        return f"http://{self._url_host}:{self.port}/api/v3"
+
+    @property
+    def openai_base_url(self) -> str:
+        """OpenAI-compatible base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
+        return f"http://{self._url_host}:{self.port}/v1"
+
+    def _run(self, ready: threading.Event) -> None:
+        """Server thread body: run the event loop until :meth:`stop`."""
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._astart())
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._start_error = exc
+            self._loop = None
+            loop.close()
+            ready.set()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(
+                    asyncio.gather(*pending, return_exceptions=True)
+                )
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _astart(self) -> None:
+        """Create the aiohttp app and start listening."""
+        self._release_event = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        for route in _ROUTES:
+            app.router.add_post(route, self._handle)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=self._SHUTDOWN_TIMEOUT,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._requested_port, backlog=4096)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+
+    async def _astop(self) -> None:
+        """Wake held requests (they abort) and clean up the runner."""
+        self._stopping = True
+        if self._release_event is not None:
+            self._release_event.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # ------------------------------------------------------------------ control
+
+    def add_fault(self, fault: Fault) -> None:
+        """Append a scripted fault (thread-safe); faults are tried in insertion order."""
+        with self._lock:
+            self._faults.append(_FaultSlot(fault))
+
+    def clear_faults(self) -> None:
+        """Remove every scripted fault."""
+        with self._lock:
+            self._faults.clear()
+
+    def pending_faults(self) -> list[tuple[Fault, int]]:
+        """Return ``(fault, remaining)`` for every fault that is not spent yet."""
+        with self._lock:
+            return [
+                (slot.fault, slot.remaining)
+                for slot in self._faults
+                if slot.remaining != 0
+            ]
+
+    def on_request(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(total_requests)`` in the server thread on every arrival.
+
+        Exceptions raised by the callback are logged and ignored.
+        """
+        with self._lock:
+            self._callbacks = (*self._callbacks, callback)
+
+    def release_holds(self) -> None:
+        """Make every request held by a ``hold`` fault answer now.
+
+        Requests that have already arrived but not yet started holding are
+        released as well; later requests hold normally.
+        """
+        with self._lock:
+            self._release_generation += 1
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._release_now)
+
+    def _release_now(self) -> None:
+        """Set the current release event and replace it (server thread)."""
+        event = self._release_event
+        self._release_event = asyncio.Event()
+        if event is not None:
+            event.set()
+
+    def pause(self, seconds: float, *, retry_after_form: str = "seconds") -> None:
+        """Refuse every request with 429 ``ServerOverloaded`` for ``seconds`` from now.
+
+        The answer announces the end of the pause: ``retry_after_form`` is
+        ``"seconds"`` (``Retry-After: <ceil remaining>``), ``"float"``
+        (``Retry-After: <remaining, 3 decimals>``), ``"http-date"``
+        (``Retry-After: <HTTP-date of the end>``; the end is rounded up to a
+        whole second and the pause lasts until then) or ``"ms"``
+        (``retry-after-ms: <ceil remaining ms>``). Resets
+        ``requests_during_pause`` and ``pause_arrival_times``. ``seconds <= 0``
+        ends any current pause.
+        """
+        if retry_after_form not in _PAUSE_FORMS:
+            raise ValueError(f"retry_after_form must be one of {sorted(_PAUSE_FORMS)}")
+        now = time.monotonic()
+        with self._lock:
+            if seconds <= 0:
+                if self.pause_ends_at is not None and self.pause_ends_at > now:
+                    self.pause_ends_at = now
+                return
+            end = now + seconds
+            if retry_after_form == "http-date":
+                wall_end = math.ceil(time.time() + seconds)
+                end = now + (wall_end - time.time())
+                self._pause_http_date = email.utils.format_datetime(
+                    datetime.datetime.fromtimestamp(wall_end, datetime.UTC), usegmt=True
+                )
+            self._pause_form = retry_after_form
+            self.pause_started_at = now
+            self.pause_ends_at = end
+            self.requests_during_pause = 0
+            self.pause_arrival_times = []
+
+    def reset_counters(self) -> None:
+        """Zero every counter (faults, pause state and callbacks are kept)."""
+        with self._lock:
+            self.total_requests = 0
+            self.ok_responses = 0
+            self.peak_in_flight = self.in_flight
+            self.attempts_by_key.clear()
+            self.ok_by_key.clear()
+            self.client_request_ids.clear()
+            self.statuses.clear()
+            self.requests_during_pause = 0
+            self.pause_arrival_times = []
+
+    def wait_for_requests(self, n: int, timeout: float = 30) -> bool:
+        """Block until ``total_requests >= n``; return False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.total_requests >= n, timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return a consistent copy of every counter."""
+        with self._lock:
+            return {
+                "total_requests": self.total_requests,
+                "ok_responses": self.ok_responses,
+                "in_flight": self.in_flight,
+                "peak_in_flight": self.peak_in_flight,
+                "attempts_by_key": collections.Counter(self.attempts_by_key),
+                "ok_by_key": collections.Counter(self.ok_by_key),
+                "client_request_ids": list(self.client_request_ids),
+                "statuses": collections.Counter(self.statuses),
+                "requests_during_pause": self.requests_during_pause,
+                "pause_arrival_times": list(self.pause_arrival_times),
+            }
+
+    # ------------------------------------------------------------------ handling
+
+    def _take_fault(self, key: str) -> Fault | None:
+        """Return (and spend one use of) the first live fault matching ``key``."""
+        if not self._faults:
+            return None
+        with self._lock:
+            for slot in self._faults:
+                if slot.remaining != 0 and (
+                    slot.fault.match is None or slot.fault.match == key
+                ):
+                    if slot.remaining > 0:
+                        slot.remaining -= 1
+                    return slot.fault
+        return None
+
+    def _pause_headers_locked(self, arrived: float) -> dict[str, str] | None:
+        """Return the retry header if ``arrived`` falls inside the pause (lock held)."""
+        start, end = self.pause_started_at, self.pause_ends_at
+        if start is None or end is None or not (start < arrived < end):
+            return None
+        self.requests_during_pause += 1
+        self.pause_arrival_times.append(arrived - start)
+        remaining = end - arrived
+        form = self._pause_form
+        if form == "seconds":
+            return {"Retry-After": str(max(1, math.ceil(remaining)))}
+        if form == "float":
+            return {"Retry-After": f"{remaining:.3f}"}
+        if form == "http-date":
+            return {"Retry-After": self._pause_http_date}
+        return {"retry-after-ms": str(max(1, math.ceil(remaining * 1000)))}
+
+    def _respond(
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+        ok_key: str | None = None,
+    ) -> web.Response:
+        """Count and build a response; ``ok_key`` marks a real completion."""
+        with self._lock:
+            self.statuses[status] += 1
+            if ok_key is not None:
+                self.ok_responses += 1
+                self.ok_by_key[ok_key] += 1
+        return web.Response(status=status, body=body, headers=headers)
+
+    def _error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str],
+        param: str = "",
+    ) -> web.Response:
+        """Build an Ark error response."""
+        return self._respond(status, _error_body(status, code, message, param), headers)
+
+    @staticmethod
+    def _abort(request: web.Request) -> NoReturn:
+        """Abort the connection so the client sees a reset, and end the handler."""
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        raise asyncio.CancelledError
+
+    async def _hold(self, seconds: float, generation: int) -> None:
+        """Sleep ``seconds`` unless released (see :meth:`release_holds`)."""
+        if generation != self._release_generation or self._stopping:
+            return
+        event = self._release_event
+        if event is None:  # pragma: no cover - only before start
+            return
+        try:
+            await asyncio.wait_for(event.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """Handle one chat-completions request."""
+        arrived = time.monotonic()
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await self._handle_inner(request, arrived)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _handle_inner(
+        self, request: web.Request, arrived: float
+    ) -> web.StreamResponse:
+        """Body of :meth:`_handle` (counts are kept by the caller)."""
+        req_headers = request.headers
+        client_id = req_headers.get("X-Client-Request-Id", "")
+        headers = {"Content-Type": _JSON_CT}
+        if client_id:
+            headers["X-Request-Id"] = client_id
+        raw = await request.read()
+        body, key, prompt_words = _parse_request(raw)
+
+        with self._cond:
+            self.total_requests += 1
+            total = self.total_requests
+            if key is not None:
+                self.attempts_by_key[key] += 1
+            self.client_request_ids.append(client_id)
+            generation = self._release_generation
+            pause_headers = self._pause_headers_locked(arrived)
+            self._cond.notify_all()
+        for callback in self._callbacks:
+            try:
+                callback(total)
+            except Exception:
+                logger.exception("FakeArkServer: on_request callback failed")
+
+        if pause_headers is not None:
+            headers.update(pause_headers)
+            return self._error(
+                429,
+                "ServerOverloaded",
+                "The service is overloaded (fake pause).",
+                headers,
+            )
+
+        delay = self.latency
+        if self.latency_jitter > 0:
+            delay += self._rng.uniform(0.0, self.latency_jitter)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+        expected = self._expected_auth
+        if expected is not None:
+            got = req_headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(got, expected):
+                return self._error(
+                    401,
+                    "AuthenticationError",
+                    "The API key in the request is missing or invalid.",
+                    headers,
+                )
+
+        if body is None or key is None:
+            return self._error(
+                400,
+                "InvalidParameter",
+                "The request body must be a JSON object with a non-empty `messages` list.",
+                headers,
+                param="messages",
+            )
+        if body.get("stream") is True and "/batch/" in request.path:
+            return self._error(
+                400,
+                "InvalidParameter",
+                "Streaming is not supported by batch inference.",
+                headers,
+                param="stream",
+            )
+
+        model = body.get("model")
+        model = model if isinstance(model, str) else ""
+        fault = self._take_fault(key)
+        if fault is not None:
+            kind = fault.kind
+            if kind == "status":
+                headers.update(fault.headers)  # type: ignore[arg-type]
+                return self._error(fault.status, fault.code, fault.message, headers)
+            if kind == "reset":
+                self._abort(request)
+            if kind == "truncate":
+                full = _completion(model, key, prompt_words)
+                return self._respond(200, full[: len(full) // 2], headers)
+            if kind == "invalid_json":
+                return self._respond(200, b"not json", headers)
+            if kind == "empty":
+                return self._respond(200, b"", headers)
+            if kind == "hold":
+                await self._hold(fault.hold, generation)
+                if self._stopping:
+                    self._abort(request)
+        return self._respond(
+            200, _completion(model, key, prompt_words), headers, ok_key=key
+        )
+
+
+def _raise_nofile_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (best effort)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return
+        target = max(soft, 65536) if hard == resource.RLIM_INFINITY else hard
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - platform dependent
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the fake server from the command line until SIGINT/SIGTERM."""
+    parser = argparse.ArgumentParser(
+        description="Fake Volcengine Ark batch-inference server."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds added to every answer"
+    )
+    parser.add_argument(
+        "--latency-jitter", type=float, default=0.0, help="extra uniform 0..J seconds"
+    )
+    parser.add_argument(
+        "--api-key", default="test-key", help="expected Bearer key (default: test-key)"
+    )
+    parser.add_argument(
+        "--no-auth", action="store_true", help="accept requests without a valid key"
+    )
+    args = parser.parse_args(argv)
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        """Ask the main loop below to stop the server."""
+        stop.set()
+
+    previous = {
+        sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    server = FakeArkServer(
+        api_key=None if args.no_auth else args.api_key,
+        latency=args.latency,
+        latency_jitter=args.latency_jitter,
+        host=args.host,
+        port=args.port,
+    )
+    try:
+        with server:
+            host = server._url_host
+            print(f"listening on http://{host}:{server.port}", flush=True)
+            while not stop.wait(0.5):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""Tests for the fake Ark batch-inference server (arkbatch_beam.testing)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import email.utils
+import http.client
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from arkbatch_beam.testing import FakeArkServer, Fault, fake_server
+
+pytestmark = pytest.mark.timeout(30)
+
+BATCH = "/api/v3/batch/chat/completions"
+CHAT = "/api/v3/chat/completions"
+OPENAI = "/v1/chat/completions"
+AUTH = {"Authorization": "Bearer test-key"}
+
+
+class Reply:
+    """A received HTTP answer."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        """Store the status, the (lower-cased) headers and the raw body."""
+        self.status = status
+        self.headers = {k.lower(): v for k, v in headers.items()}
+        self.body = body
+
+    def json(self) -> Any:
+        """Decode the body as JSON."""
+        return orjson.loads(self.body)
+
+
+def post(
+    srv: FakeArkServer,
+    payload: Any = None,
+    *,
+    path: str = BATCH,
+    headers: Mapping[str, str] | None = AUTH,
+    raw: bytes | None = None,
+) -> Reply:
+    """POST ``payload`` (or ``raw`` bytes) to the fake server and return the reply."""
+    body = raw if raw is not None else orjson.dumps(payload)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=20)
+    with contextlib.closing(conn):
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        conn.request("POST", path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        return Reply(resp.status, dict(resp.getheaders()), resp.read())
+
+
+def chat(key: str, model: str = "ep-test", **extra: Any) -> dict[str, Any]:
+    """A minimal chat request whose key (last user message) is ``key``."""
+    return {"model": model, "messages": [{"role": "user", "content": key}], **extra}
+
+
+@pytest.fixture
+def srv() -> Iterator[FakeArkServer]:
+    """A running fake server with the default key ``test-key``."""
+    with FakeArkServer() as server:
+        yield server
+
+
+def test_ok_answer_shape_and_determinism(srv: FakeArkServer) -> None:
+    payload = {
+        "model": "ep-m",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "what is two plus two"},
+        ],
+    }
+    first, second = post(srv, payload), post(srv, payload)
+    assert first.status == 200 and first.headers["content-type"].startswith(
+        "application/json"
+    )
+    assert first.body == second.body
+    answer = first.json()
+    assert (
+        answer["id"].startswith("chatcmpl-")
+        and len(answer["id"]) == len("chatcmpl-") + 12
+    )
+    assert answer["object"] == "chat.completion" and answer["model"] == "ep-m"
+    assert answer["created"] == 1700000000
+    (choice,) = answer["choices"]
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "echo: what is two plus two"},
+        "finish_reason": "stop",
+    }
+    assert answer["usage"] == {
+        "prompt_tokens": 2 + 2 + 1 + 5,
+        "completion_tokens": 6,
+        "total_tokens": 16,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+    assert post(srv, chat("other")).json()["id"] != answer["id"]
+
+    parts = (
+        {"type": "text", "text": "a b"},
+        {"type": "image_url"},
+        {"type": "text", "text": "c"},
+    )
+    thinking = post(
+        srv,
+        {"model": "m-thinking", "messages": [{"role": "user", "content": list(parts)}]},
+    ).json()
+    message = thinking["choices"][0]["message"]
+    assert message["content"] == "echo: a b c"
+    assert message["reasoning_content"] == "thinking about: a b c"
+    assert thinking["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5
+    assert srv.ok_by_key == {"what is two plus two": 2, "other": 1, "a b c": 1}
+    assert srv.total_requests == srv.ok_responses == 4 and srv.statuses == {200: 4}
+
+
+def test_auth_rejects_without_echoing_the_key(srv: FakeArkServer) -> None:
+    wrong = post(
+        srv, chat("k"), headers={"Authorization": "Bearer sk-secret-wrong-123"}
+    )
+    missing = post(srv, chat("k"), headers=None)
+    for reply in (wrong, missing):
+        assert reply.status == 401
+        assert reply.json()["error"] == {
+            "code": "AuthenticationError",
+            "message": reply.json()["error"]["message"],
+            "type": "Unauthorized",
+            "param": "",
+        }
+    assert b"sk-secret-wrong-123" not in wrong.body
+    assert not any("sk-secret" in v for v in wrong.headers.values())
+    assert (
+        srv.attempts_by_key["k"] == 2
+        and srv.ok_responses == 0
+        and srv.statuses == {401: 2}
+    )
+
+    with FakeArkServer(api_key=None) as open_srv:
+        assert post(open_srv, chat("k"), headers=None).status == 200
+
+
+def test_bad_requests_and_stream_rule(srv: FakeArkServer) -> None:
+    for raw in (
+        b"{not json",
+        b"[1, 2]",
+        b'{"model": "m"}',
+        b'{"model": "m", "messages": []}',
+    ):
+        reply = post(srv, raw=raw)
+        assert reply.status == 400
+        assert reply.json()["error"]["code"] == "InvalidParameter"
+        assert reply.json()["error"]["type"] == "BadRequest"
+        assert reply.json()["error"]["param"] == "messages"
+
+    streamed = post(srv, chat("s", stream=True))
+    assert streamed.status == 400 and streamed.json()["error"]["param"] == "stream"
+    for path in (OPENAI, CHAT):
+        reply = post(srv, chat("s", stream=True), path=path)
+        assert (
+            reply.status == 200
+            and reply.json()["choices"][0]["message"]["content"] == "echo: s"
+        )
+    assert srv.statuses == {400: 5, 200: 2}
+
+
+def test_status_faults_match_order_and_times(srv: FakeArkServer) -> None:
+    srv.add_fault(
+        Fault.rate_limited("250", header="retry-after-ms", match="a", times=2)
+    )
+    srv.add_fault(Fault.server_error(503, headers={"Retry-After": "7"}, match="a"))
+    srv.add_fault(Fault.bad_request("nope", match="b", times=-1))
+    srv.add_fault(Fault.unauthorized(match="c"))
+
+    first, second = post(srv, chat("a")), post(srv, chat("a"))
+    for reply in (first, second):
+        assert reply.status == 429 and reply.headers["retry-after-ms"] == "250"
+        assert reply.json()["error"]["code"] == "RateLimitExceeded.EndpointRPMExceeded"
+        assert reply.json()["error"]["type"] == "TooManyRequests"
+    third = post(srv, chat("a"))
+    assert third.status == 503 and third.headers["retry-after"] == "7"
+    assert third.json()["error"]["code"] == "InternalServiceError"
+    assert post(srv, chat("a")).status == 200
+
+    for _ in range(3):
+        reply = post(srv, chat("b"))
+        assert reply.status == 400 and reply.json()["error"]["message"] == "nope"
+    unauthorized = post(srv, chat("c"))
+    assert unauthorized.status == 401
+    assert unauthorized.json()["error"]["code"] == "AuthenticationError"
+    assert post(srv, chat("c")).status == 200
+    assert [remaining for _, remaining in srv.pending_faults()] == [-1]
+    assert srv.attempts_by_key == {"a": 4, "b": 3, "c": 2}
+    assert srv.ok_by_key == {"a": 1, "c": 1}
+
+
+def test_body_faults_truncate_invalid_json_empty(srv: FakeArkServer) -> None:
+    good = post(srv, chat("x")).body
+    srv.add_fault(Fault.truncate())
+    srv.add_fault(Fault.invalid_json())
+    srv.add_fault(Fault.empty())
+    truncated, invalid, empty = (post(srv, chat("x")) for _ in range(3))
+    assert truncated.status == 200 and truncated.body == good[: len(good) // 2]
+    with pytest.raises(orjson.JSONDecodeError):
+        truncated.json()
+    assert invalid.status == 200 and invalid.body == b"not json"
+    assert empty.status == 200 and empty.body == b""
+    assert (
+        srv.statuses == {200: 4} and srv.ok_responses == 1 and srv.ok_by_key == {"x": 1}
+    )
+
+
+def test_reset_fault_drops_the_connection(srv: FakeArkServer) -> None:
+    srv.add_fault(Fault.reset(match="r"))
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        post(srv, chat("r"))
+    assert post(srv, chat("r")).status == 200
+    assert srv.attempts_by_key["r"] == 2 and srv.statuses == {200: 1}
+    assert srv.in_flight == 0
+
+
+@pytest.mark.parametrize("form", ["seconds", "float", "http-date", "ms"])
+def test_pause_announces_its_end(srv: FakeArkServer, form: str) -> None:
+    srv.pause(30, retry_after_form=form)
+    assert srv.pause_started_at is not None and srv.pause_ends_at is not None
+    replies = [post(srv, chat(f"p{i}")) for i in range(3)]
+    for reply in replies:
+        assert (
+            reply.status == 429 and reply.json()["error"]["code"] == "ServerOverloaded"
+        )
+    header = replies[0].headers
+    remaining = srv.pause_ends_at - time.monotonic()
+    if form == "seconds":
+        assert header["retry-after"] in {"30", "31"}
+    elif form == "float":
+        assert 29.0 < float(header["retry-after"]) <= 30.0
+        assert len(header["retry-after"].split(".")[1]) == 3
+    elif form == "ms":
+        assert 29_000 < int(header["retry-after-ms"]) <= 30_000
+        assert "retry-after" not in header
+    else:
+        end = email.utils.parsedate_to_datetime(header["retry-after"]).timestamp()
+        assert header["retry-after"].endswith(" GMT")
+        assert end == math.ceil(end) and abs((end - time.time()) - remaining) < 0.05
+        assert 30 - 0.5 < srv.pause_ends_at - srv.pause_started_at <= 31
+    assert srv.requests_during_pause == 3 and len(srv.pause_arrival_times) == 3
+    assert srv.pause_arrival_times == sorted(srv.pause_arrival_times)
+    assert all(0 < t < 5 for t in srv.pause_arrival_times)
+    assert srv.ok_responses == 0 and srv.total_requests == 3
+
+    srv.pause(0)  # end the pause early
+    assert post(srv, chat("after")).status == 200
+    assert srv.requests_during_pause == 3
+
+
+def test_pause_skips_latency_and_expires(srv: FakeArkServer) -> None:
+    srv.latency = 5.0  # paused answers are immediate, whatever the latency
+    srv.pause(30)
+    started = time.monotonic()
+    assert post(srv, chat("q")).status == 429
+    assert time.monotonic() - started < 2
+    srv.latency = 0.0
+
+    srv.pause(0.05, retry_after_form="ms")
+    refused = 0
+    deadline = time.monotonic() + 5
+    while (reply := post(srv, chat("q"))).status == 429:
+        refused += 1
+        assert int(reply.headers["retry-after-ms"]) <= 50
+        assert time.monotonic() < deadline
+    assert reply.status == 200
+    assert srv.pause_ends_at is not None and time.monotonic() >= srv.pause_ends_at
+    assert refused >= 1 and srv.requests_during_pause == refused
+
+
+def test_hold_release_and_peak_in_flight(srv: FakeArkServer) -> None:
+    srv.add_fault(Fault.hold(30, times=-1))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        futures = [pool.submit(post, srv, chat(f"h{i}")) for i in range(6)]
+        assert srv.wait_for_requests(6, timeout=10)
+        srv.release_holds()
+        replies = [f.result(timeout=10) for f in futures]
+    assert all(r.status == 200 for r in replies)
+    assert srv.peak_in_flight == 6 and srv.in_flight == 0 and srv.ok_responses == 6
+
+    srv.clear_faults()
+    quick = Fault.hold(0.01)
+    assert (
+        quick.kind == "hold"
+        and quick.hold == 0.01
+        and hash(quick) == hash(Fault.hold(0.01))
+    )
+    srv.add_fault(quick)
+    assert post(srv, chat("short")).status == 200
+
+
+def test_stop_cancels_held_requests() -> None:
+    server = FakeArkServer().start()
+    server.add_fault(Fault.hold(60))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(post, server, chat("held"))
+        assert server.wait_for_requests(1, timeout=10)
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 5
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            future.result(timeout=10)
+
+
+def test_on_request_callbacks_and_wait_for_requests(srv: FakeArkServer) -> None:
+    seen: list[int] = []
+
+    def broken(total: int) -> None:
+        raise RuntimeError("callback failure must not break the server")
+
+    srv.on_request(broken)
+    srv.on_request(seen.append)
+    for i in range(3):
+        assert post(srv, chat(str(i))).status == 200
+    assert seen == [1, 2, 3]
+    assert srv.wait_for_requests(3, timeout=1)
+    assert not srv.wait_for_requests(4, timeout=0.01)
+
+    srv.reset_counters()
+    assert srv.total_requests == 0 and not srv.attempts_by_key and not srv.statuses
+    post(srv, chat("again"))
+    assert seen[-1] == 1 and srv.snapshot()["ok_by_key"] == {"again": 1}
+
+
+def test_request_id_echo_and_latency(srv: FakeArkServer) -> None:
+    with_id = post(srv, chat("i"), headers={**AUTH, "X-Client-Request-Id": "req-42"})
+    assert with_id.headers["x-request-id"] == "req-42"
+    srv.add_fault(Fault.server_error(500))
+    failed = post(srv, chat("i"), headers={**AUTH, "X-Client-Request-Id": "req-43"})
+    assert failed.status == 500 and failed.headers["x-request-id"] == "req-43"
+    without = post(srv, chat("i"))
+    assert "x-request-id" not in without.headers
+    assert srv.client_request_ids == ["req-42", "req-43", ""]
+
+    srv.latency, srv.latency_jitter = 0.05, 0.02
+    started = time.monotonic()
+    assert post(srv, chat("slow")).status == 200
+    assert 0.05 <= time.monotonic() - started < 2
+
+
+def test_fault_validation_and_urls() -> None:
+    with pytest.raises(ValueError):
+        Fault("explode")
+    with pytest.raises(ValueError):
+        Fault("reset", times=0)
+    fault = Fault("status", status=502, headers={"Retry-After": "1"})
+    assert fault.headers == (("Retry-After", "1"),) and hash(fault) == hash(
+        Fault("status", status=502, headers={"Retry-After": "1"})
+    )
+    assert Fault.rate_limited(None).headers == ()
+    with FakeArkServer() as server:
+        assert server.base_url == f"http://127.0.0.1:{server.port}/api/v3"
+        assert server.openai_base_url == f"http://127.0.0.1:{server.port}/v1"
+
+
+def test_command_line_server() -> None:
+    # Run the module file directly: same main() as ``python -m
+    # arkbatch_beam.testing.fake_server`` without importing the whole package
+    # (and Apache Beam) in the subprocess, which keeps this test fast.
+    script = Path(fake_server.__file__)
+    cmd = [sys.executable, str(script), "--port", "0", "--api-key", "cli-key"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("listening on http://127.0.0.1:")
+        port = int(line.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with contextlib.closing(conn):
+            conn.request(
+                "POST",
+                OPENAI,
+                body=orjson.dumps(chat("cli")),
+                headers={"Authorization": "Bearer cli-key"},
+            )
+            resp = conn.getresponse()
+            assert (
+                resp.status == 200
+                and orjson.loads(resp.read())["choices"][0]["message"]["content"]
+                == "echo: cli"
+            )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
