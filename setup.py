@@ -25,6 +25,7 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
+            "pytest-asyncio>=0.24,<2",
             "hypothesis>=6.100,<7",
             "ruff>=0.6,<1",
             "psutil>=5.9,<8",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from typing import Any
 
 import orjson
@@ -37,6 +38,7 @@ INPUT_FORMATS = ("auto", "batch", "chat", "text")
 MAX_REQUEST_BYTES_RANGE = (1024, 64 * 1024 * 1024)
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 _NOT_BODY_KEYS = ("id", "custom_id")
+_CID_RE = re.compile(r'"custom_id"\s*:\s*"([^"\\]{1,256})"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +208,9 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
             )
     except _Bad as bad:
         cid_guess = None
+        if obj is None and bad.error_type == "invalid_json":
+            m = _CID_RE.search(raw)  # salvage the caller's id from a broken line
+            cid_guess = m.group(1) if m else None
         if isinstance(obj, dict):
             c = obj.get("custom_id", obj.get("id"))
             if isinstance(c, (str, int)) and not isinstance(c, bool) and str(c).strip():

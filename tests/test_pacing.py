@@ -1,0 +1,188 @@
+"""The pushback gate, driven by a fake clock: exact and instant."""
+
+import asyncio
+
+import pytest
+
+from arkbatch_beam._pacing import NEUTRAL, OK, REFUSED, PushbackGate
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+        self.timers = []
+
+    def time(self):
+        return self.t
+
+    def call_at(self, when, cb):
+        h = asyncio.get_running_loop().call_soon(lambda: None)
+        h.cancel()  # a cancellable handle to return; we fire callbacks ourselves
+        self.timers.append([when, cb, h])
+        return _Handle(self.timers[-1])
+
+    def advance(self, dt):
+        self.t += dt
+        for entry in list(self.timers):
+            if entry[0] <= self.t and entry[1] is not None:
+                cb, entry[1] = entry[1], None
+                cb()
+
+
+class _Handle:
+    def __init__(self, entry):
+        self.entry = entry
+
+    def cancel(self):
+        self.entry[1] = None
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make(n, clock):
+    return PushbackGate(n, clock=clock.time, call_at=clock.call_at)
+
+
+def test_cap_is_never_exceeded_and_waiters_are_fifo():
+    async def main():
+        clock = FakeClock()
+        gate = make(3, clock)
+        tickets = [gate.try_acquire() for _ in range(3)]
+        assert None not in tickets and gate.try_acquire() is None
+        order = []
+
+        async def waiter(i):
+            t = await gate.acquire()
+            order.append(i)
+            return t
+
+        tasks = [asyncio.create_task(waiter(i)) for i in range(4)]
+        await asyncio.sleep(0)
+        assert gate.in_flight == 3 and order == []
+        gate.release(tickets[0], OK)
+        gate.release(tickets[1], OK)
+        await asyncio.sleep(0)
+        assert order == [0, 1] and gate.in_flight == 3
+        for t in tasks[2:]:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert gate.in_flight == 3
+
+    run(main())
+
+
+def test_broad_refusal_pauses_new_sends_until_announced_time_then_slow_start():
+    async def main():
+        clock = FakeClock()
+        gate = make(16, clock)
+        tickets = [gate.try_acquire() for _ in range(16)]
+        # The server announces a pause: the first refusal closes the gate for new sends.
+        gate.release(tickets[8], REFUSED, retry_after=5.0)
+        assert gate.paused and gate.try_acquire() is None
+        # Requests sent *before* the refused one come back OK: no evidence, still paused.
+        for t in tickets[:8]:
+            gate.release(t, OK)
+        assert gate.paused
+        # Those sent after it are refused too.
+        for t in tickets[9:]:
+            gate.release(t, REFUSED, retry_after=5.0)
+        assert gate.paused and gate.in_flight == 0 and gate.try_acquire() is None
+        clock.advance(4.999)
+        assert gate.paused and gate.try_acquire() is None
+        clock.advance(0.001)
+        assert not gate.paused
+        # Slow start: only a fraction of the cap at first, growing with each success.
+        got = [gate.try_acquire() for _ in range(16)]
+        admitted = [t for t in got if t is not None]
+        assert len(admitted) == 2  # 16 // 8
+        for t in admitted:
+            gate.release(t, OK)
+        assert gate.limit == 4
+        assert gate.pauses == 1 and gate.paused_seconds == pytest.approx(5.0)
+
+    run(main())
+
+
+def test_later_refusals_extend_the_pause():
+    async def main():
+        clock = FakeClock()
+        gate = make(4, clock)
+        a, b = gate.try_acquire(), gate.try_acquire()
+        gate.release(a, REFUSED, retry_after=1.0)
+        gate.release(b, REFUSED, retry_after=3.0)
+        clock.advance(1.5)
+        assert gate.paused
+        clock.advance(1.5)
+        assert not gate.paused
+
+    run(main())
+
+
+def test_lone_429_among_successes_narrows_instead_of_stalling():
+    async def main():
+        clock = FakeClock()
+        gate = make(8, clock)
+        tickets = [gate.try_acquire() for _ in range(8)]
+        gate.release(tickets[2], REFUSED, retry_after=30.0)
+        assert gate.paused and gate.limit == 4
+        # A request sent after the refused one is answered: the server is serving.
+        gate.release(tickets[5], OK)
+        assert not gate.paused and gate.lifted_early == 1
+        assert gate.try_acquire() is None  # in_flight 6 > narrowed window 5
+        for t in (tickets[0], tickets[1]):
+            gate.release(t, OK)
+        assert gate.try_acquire() is not None
+        clock.advance(60)  # the cancelled timer must not fire a slow-start later
+        assert gate.limit >= 6
+
+    run(main())
+
+
+def test_refusal_without_retry_after_narrows_only():
+    async def main():
+        clock = FakeClock()
+        gate = make(10, clock)
+        t = gate.try_acquire()
+        gate.release(t, REFUSED, retry_after=None)
+        assert not gate.paused and gate.limit == 5
+        gate.release(gate.try_acquire(), NEUTRAL)
+        assert gate.limit == 5
+
+    run(main())
+
+
+def test_window_never_below_one_nor_above_cap():
+    async def main():
+        clock = FakeClock()
+        gate = make(4, clock)
+        for _ in range(10):
+            gate.release(gate.try_acquire(), REFUSED)
+        assert gate.limit == 1
+        for _ in range(20):
+            gate.release(gate.try_acquire(), OK)
+        assert gate.limit == 4
+
+    run(main())
+
+
+def test_waiters_wake_when_pause_ends():
+    async def main():
+        clock = FakeClock()
+        gate = make(2, clock)
+        t = gate.try_acquire()
+        gate.release(t, REFUSED, retry_after=2.0)
+        waiter = asyncio.create_task(gate.acquire())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        clock.advance(2.0)
+        await asyncio.sleep(0)
+        assert waiter.done() and gate.in_flight == 1
+
+    run(main())
+
+
+def test_rejects_impossible_cap():
+    with pytest.raises(ValueError, match="max_concurrency"):
+        PushbackGate(0)
