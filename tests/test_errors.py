@@ -1,4 +1,3 @@
-import asyncio
 
 import aiohttp
 import pytest
@@ -48,7 +47,7 @@ def test_non_json_error_body_keeps_text():
         (aiohttp.ServerDisconnectedError(), TransportError),
         (aiohttp.ClientOSError(104, "reset"), TransportError),
         (ConnectionResetError(), TransportError),
-        (asyncio.TimeoutError(), AttemptTimeout),
+        (TimeoutError(), AttemptTimeout),
         (aiohttp.ClientPayloadError("cut"), InvalidResponse),
         (aiohttp.ConnectionTimeoutError(), TransportError),
     ],

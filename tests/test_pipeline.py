@@ -9,8 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from arkbatch_beam import OUTPUT_SCHEMA, BatchChatInference, ClientConfig, Endpoint, WriteResults
-from arkbatch_beam import _runtime
+from arkbatch_beam import OUTPUT_SCHEMA, BatchChatInference, ClientConfig, Endpoint, WriteResults, _runtime
 from arkbatch_beam.testing import Fault
 
 from .conftest import KEY, KEY_ENV
