@@ -44,8 +44,9 @@ from arkbatch_beam import (
     InputOptions,
     WriteResults,
 )
+from arkbatch_beam._client import MissingApiKey
 from arkbatch_beam._config import DEFAULT_MAX_CONCURRENCY, DEFAULT_TIMEOUT
-from arkbatch_beam._dofn import NAMESPACE
+from arkbatch_beam._dofn import NAMESPACE, EndpointUnusable
 
 log = logging.getLogger("arkbatch_beam")
 
@@ -226,11 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as exc:  # noqa: BLE001 - the runner wraps worker errors
         text = str(exc)
-        if "EndpointUnusable" in text or "MissingApiKey" in text:
-            line = next((ln for ln in text.splitlines() if "EndpointUnusable" in ln
-                         or "MissingApiKey" in ln), text)
-            print(f"error: {line.strip()}", file=sys.stderr)
+        if isinstance(exc, (EndpointUnusable, MissingApiKey)):
+            print(f"error: {text.splitlines()[0]}", file=sys.stderr)
             return 1
+        for name in ("EndpointUnusable", "MissingApiKey"):  # runners that wrap worker errors
+            line = next((ln for ln in text.splitlines() if name in ln), None)
+            if line:
+                print(f"error: {line.strip()}", file=sys.stderr)
+                return 1
         raise
     return 0
 
