@@ -32,12 +32,13 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from ._schema import OUTPUT_SCHEMA
-from ._types import STATUS_OK
+from ._types import DUPLICATE, STATUS_OK
 
 log = logging.getLogger("arkbatch_beam")
 
@@ -75,6 +76,12 @@ class _PartWriterDoFn(beam.DoFn):
         self._max_rows = max_rows
         self._max_seconds = max_seconds
 
+    def setup(self) -> None:
+        self._written = {
+            True: Metrics.counter("arkbatch", "rows_written_ok"),
+            False: Metrics.counter("arkbatch", "rows_written_failed"),
+        }
+
     def start_bundle(self) -> None:
         self._buf: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
         self._since = time.monotonic()
@@ -96,6 +103,7 @@ class _PartWriterDoFn(beam.DoFn):
         for ok, rows in self._buf.items():
             if rows:
                 yield write_parquet_atomic(rows, self._dirs[ok], OUTPUT_SCHEMA)
+                self._written[ok].inc(len(rows))
                 self._buf[ok] = []
         self._since = time.monotonic()
 
@@ -124,4 +132,121 @@ class WriteResults(beam.PTransform):
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         return rows | "WriteParts" >> beam.ParDo(
             _PartWriterDoFn(self._output, self._max_rows, self._max_seconds)
+        )
+
+
+def _write_table_atomic(tables: list[pa.Table], directory: str, schema: pa.Schema) -> str:
+    name = f"data-{uuid.uuid4().hex}.parquet"
+    final = FileSystems.join(directory, name)
+    tmp = FileSystems.join(directory, ".tmp-" + name)
+    with FileSystems.create(tmp) as f:
+        with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+            for t in tables:
+                writer.write_table(t)
+    FileSystems.rename([tmp], [final])
+    return final
+
+
+def compact(output: str, *, rows_per_file: int = 500_000) -> dict[str, int]:
+    """Merge the parts under ``output`` into a few files holding each ``custom_id`` once.
+
+    An ``ok`` row beats any failure for the same id; among copies of the same kind the newest
+    file wins (a runner's bundle retry, or a resumed run, may have written an id twice). The
+    merged files are made visible atomically before the parts they replace are deleted, so a
+    crash here leaves duplicates for the next run (or ``--resume``) to merge, never a loss.
+
+    Returns the rows kept per folder.
+    """
+    kept: dict[str, int] = {}
+    ok_ids: set[str] = set()
+    for kind in (RESULTS_DIR, FAILURES_DIR):
+        directory = FileSystems.join(output, kind)
+        metas = sorted(part_files(directory), key=lambda m: m.last_updated_in_seconds, reverse=True)
+        # Pass 1: ids only, newest file first -> which rows to keep.
+        seen: set[Any] = set()
+        masks: dict[str, pa.Array] = {}
+        dropped = 0
+        for meta in metas:
+            cols = ["custom_id"] if kind == RESULTS_DIR else ["custom_id", "error_type", "request_json"]
+            got = read_columns(meta.path, cols)
+            mask = []
+            for i, cid in enumerate(got["custom_id"]):
+                if kind == RESULTS_DIR:
+                    key: Any = cid
+                    keep = key not in seen
+                else:
+                    dup = got["error_type"][i] == DUPLICATE
+                    key = (cid, dup, got["request_json"][i] if dup else None)
+                    keep = key not in seen and (dup or cid not in ok_ids)
+                if keep:
+                    seen.add(key)
+                else:
+                    dropped += 1
+                mask.append(keep)
+            masks[meta.path] = pa.array(mask, pa.bool_())
+        if kind == RESULTS_DIR:
+            ok_ids = seen
+        kept[kind] = len(seen)
+        if not metas or (len(metas) == 1 and dropped == 0):
+            continue  # nothing to merge
+        # Pass 2: rewrite the kept rows in a few large files, then drop the old ones.
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        written = []
+        for meta in metas:
+            with FileSystems.open(meta.path) as f:
+                table = pq.read_table(f).cast(OUTPUT_SCHEMA).filter(masks[meta.path])
+            if table.num_rows:
+                pending.append(table)
+                pending_rows += table.num_rows
+            if pending_rows >= rows_per_file:
+                written.append(_write_table_atomic(pending, directory, OUTPUT_SCHEMA))
+                pending, pending_rows = [], 0
+        if pending:
+            written.append(_write_table_atomic(pending, directory, OUTPUT_SCHEMA))
+        FileSystems.delete([m.path for m in metas])
+        log.info("compacted %d %s files into %d (%d duplicate rows dropped)",
+                 len(metas), kind, len(written), dropped)
+    return kept
+
+
+def part_files(directory: str) -> list[Any]:
+    """Metadata of the visible Parquet files in ``directory`` (none if it does not exist)."""
+    pattern = FileSystems.join(directory, "*.parquet")
+    try:
+        found = FileSystems.match([pattern])[0].metadata_list
+    except Exception:  # noqa: BLE001 - some filesystems raise when nothing matches
+        return []
+    return [m for m in found if not m.path.rsplit("/", 1)[-1].startswith((".", "_"))]
+
+
+def read_columns(path: str, columns: list[str]) -> dict[str, list[Any]]:
+    """Some columns of one Parquet file, through Beam's FileSystems (local, gs://, ...)."""
+    with FileSystems.open(path) as f:
+        table = pq.read_table(f, columns=columns)
+    return {c: table.column(c).to_pylist() for c in columns}
+
+
+class _CompactDoFn(beam.DoFn):
+    def __init__(self, output: str, rows_per_file: int) -> None:
+        self._output = output
+        self._rows_per_file = rows_per_file
+
+    def process(self, _parts_written: int):
+        yield compact(self._output, rows_per_file=self._rows_per_file)
+
+
+class CompactOutput(beam.PTransform):
+    """Run :func:`compact` once, after every part in the input PCollection was written."""
+
+    def __init__(self, output: str, *, rows_per_file: int = 500_000) -> None:
+        super().__init__()
+        self._output = output.rstrip("/")
+        self._rows_per_file = rows_per_file
+
+    def expand(self, part_paths: beam.PCollection) -> beam.PCollection:
+        return (
+            part_paths
+            | "CountParts" >> beam.combiners.Count.Globally()
+            | "Compact" >> beam.ParDo(_CompactDoFn(self._output, self._rows_per_file))
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+DUPLICATE = "duplicate_custom_id"  # error_type of a repeated custom_id (never sent)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

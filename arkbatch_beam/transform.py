@@ -31,6 +31,7 @@ import apache_beam as beam
 from ._config import Backoff, ClientConfig, Endpoint
 from ._dofn import FAILED_TAG, InferDoFn, ParseDoFn
 from ._inputs import InputOptions
+from ._resume import DedupeAndSkip, ReadDoneIds
 
 
 class BatchChatInference(beam.PTransform):
@@ -45,7 +46,12 @@ class BatchChatInference(beam.PTransform):
         attempt_timeout: optional bound on one attempt, seconds.
         backoff: retry backoff for answers without ``Retry-After``.
         input_options: how lines become requests (:class:`InputOptions`).
-        reshuffle: redistribute requests across workers before inference (default on).
+        dedupe: key requests by ``custom_id`` so a repeated id is sent once (the others
+            become ``duplicate_custom_id`` failure rows); this also spreads the work across
+            workers. Off: a plain reshuffle, no id checks.
+        resume_from: an output folder of an earlier run of the same job: ids that already
+            have a final row there are not sent again (see ``--resume``).
+        retry_failed: with ``resume_from``, re-send earlier failures too.
         include_request: keep ``request_json`` on ok rows too (failures always keep it).
         max_pending: most outstanding requests per bundle (default 2 x max_concurrency).
     """
@@ -59,7 +65,9 @@ class BatchChatInference(beam.PTransform):
         attempt_timeout: float | None = None,
         backoff: Backoff | None = None,
         input_options: InputOptions | None = None,
-        reshuffle: bool = True,
+        dedupe: bool = True,
+        resume_from: str | None = None,
+        retry_failed: bool = False,
         include_request: bool = False,
         max_pending: int | None = None,
     ) -> None:
@@ -85,7 +93,11 @@ class BatchChatInference(beam.PTransform):
         self.input_options = input_options or InputOptions(
             model=config.endpoint.model, batch_path=config.endpoint.is_batch
         )
-        self._reshuffle = reshuffle
+        if resume_from is not None and not dedupe:
+            raise ValueError("resume_from needs dedupe=True")
+        self._dedupe = dedupe
+        self._resume_from = resume_from
+        self._retry_failed = retry_failed
         self._include_request = include_request
         if max_pending is not None and not 1 <= max_pending <= 1_000_000:
             raise ValueError(f"max_pending must be in 1..1000000, got {max_pending}")
@@ -100,6 +112,9 @@ class BatchChatInference(beam.PTransform):
     def display_data(self) -> dict[str, Any]:
         data = dict(self.config.describe())
         data["input_format"] = self.input_options.input_format
+        data["dedupe"] = self._dedupe
+        if self._resume_from:
+            data["resume_from"] = self._resume_from
         return data
 
     def __repr__(self) -> str:
@@ -110,7 +125,16 @@ class BatchChatInference(beam.PTransform):
             FAILED_TAG, main="requests"
         )
         requests = parsed.requests
-        if self._reshuffle:
+        bad_input = parsed[FAILED_TAG]
+        if self._dedupe:
+            done = None
+            if self._resume_from is not None:
+                done = lines.pipeline | "DoneIds" >> ReadDoneIds(
+                    self._resume_from, retry_failed=self._retry_failed
+                )
+            resolved = (requests, bad_input) | "Items" >> beam.Flatten() | "Dedupe" >> DedupeAndSkip(done)
+            requests, bad_input = resolved.send, resolved[FAILED_TAG]
+        else:
             requests = requests | "Reshuffle" >> beam.Reshuffle()
         inferred = requests | "Infer" >> beam.ParDo(
             InferDoFn(
@@ -119,7 +143,7 @@ class BatchChatInference(beam.PTransform):
                 include_request=self._include_request,
             )
         ).with_outputs(FAILED_TAG, main="ok")
-        failures = (parsed[FAILED_TAG], inferred[FAILED_TAG]) | "Failures" >> beam.Flatten()
+        failures = (bad_input, inferred[FAILED_TAG]) | "Failures" >> beam.Flatten()
         if self._split:
             return inferred.ok, failures
         return (inferred.ok, failures) | "AllRows" >> beam.Flatten()

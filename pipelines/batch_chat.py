@@ -47,6 +47,7 @@ from arkbatch_beam import (
 from arkbatch_beam._client import MissingApiKey
 from arkbatch_beam._config import DEFAULT_MAX_CONCURRENCY, DEFAULT_TIMEOUT
 from arkbatch_beam._dofn import NAMESPACE, EndpointUnusable
+from arkbatch_beam._sink import FAILURES_DIR, RESULTS_DIR, CompactOutput, part_files
 
 log = logging.getLogger("arkbatch_beam")
 
@@ -81,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict_model", action="store_true", help="reject bodies whose model differs")
     p.add_argument("--max_request_bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--include_request", action="store_true", help="keep request_json on ok rows")
-    p.add_argument("--part_rows", type=int, default=2000, help="rows per Parquet part, at most")
-    p.add_argument("--part_seconds", type=float, default=10.0, help="part age before it is written")
+    p.add_argument("--part_rows", type=int, default=500, help="rows per Parquet part, at most")
+    p.add_argument("--part_seconds", type=float, default=5.0, help="part age before it is written")
+    p.add_argument("--resume", action="store_true",
+                   help="skip ids that already have a final row under --output")
+    p.add_argument("--retry_failed", action="store_true", help="with --resume, re-send failures too")
+    p.add_argument("--no_compact", action="store_true", help="leave the parts; do not merge at the end")
     p.add_argument("--no_preflight", action="store_true", help="skip the endpoint reachability check")
     return p
 
@@ -149,6 +154,10 @@ def preflight(config: ClientConfig) -> None:
         raise UsageError(f"endpoint {ep.url} is unreachable: {reason}") from None
 
 
+def _has_parts(output: str) -> bool:
+    return any(part_files(FileSystems.join(output, d)) for d in (RESULTS_DIR, FAILURES_DIR))
+
+
 def _counter(result: Any, name: str) -> int:
     try:
         res = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE).with_name(name))
@@ -179,28 +188,47 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         preflight(config)
     options = PipelineOptions(beam_args, save_main_session=save_main_session)
     output = args.output.rstrip("/")
+    if args.retry_failed and not args.resume:
+        raise UsageError("--retry_failed needs --resume")
+    if not args.resume and _has_parts(output):
+        raise UsageError(
+            f"--output {output} already holds results: add --resume to continue that job "
+            "(only missing ids are sent), or choose an empty folder"
+        )
     started = time.monotonic()
     with beam.Pipeline(options=options) as p:
-        rows = (
+        ok, failures = (
             p
             | "Read" >> beam.io.ReadFromText(args.input)
             | "Infer" >> BatchChatInference(
-                config, input_options=inputs, include_request=args.include_request
-            )
+                config,
+                input_options=inputs,
+                include_request=args.include_request,
+                resume_from=output if args.resume else None,
+                retry_failed=args.retry_failed,
+            ).with_exception_handling()
         )
-        _ = rows | "Write" >> WriteResults(
-            output, max_rows=args.part_rows, max_seconds=args.part_seconds
-        )
+        # Each output straight into its writer (no Flatten in between), so the writers fuse
+        # with inference and parts become durable while the job runs, on every runner.
+        parts = (
+            ok | "WriteResults" >> WriteResults(output, max_rows=args.part_rows, max_seconds=args.part_seconds),
+            failures
+            | "WriteFailures" >> WriteResults(output, max_rows=args.part_rows, max_seconds=args.part_seconds),
+        ) | "AllParts" >> beam.Flatten()
+        if not args.no_compact:
+            _ = parts | "Compact" >> CompactOutput(output)
     result = p.result
     wall = time.monotonic() - started
-    ok = _counter(result, "ok")
-    failed = _counter(result, "failed") + _counter(result, "bad_input")
+    ok = _counter(result, "rows_written_ok")
+    failed = _counter(result, "rows_written_failed")
     summary = {
         "ok": ok,
         "failed": failed,
         "wall_seconds": round(wall, 3),
         "requests_per_second": round(_counter(result, "requests") / wall, 1) if wall > 0 else 0.0,
         "retries": _counter(result, "retries"),
+        "skipped_done": _counter(result, "skipped_done"),
+        "duplicates": _counter(result, "duplicates"),
         "prompt_tokens": _counter(result, "prompt_tokens"),
         "completion_tokens": _counter(result, "completion_tokens"),
         "output": output,
@@ -212,7 +240,7 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         log.warning("could not write summary.json", exc_info=True)
     print(
         f"summary: ok={ok} failed={failed} wall={wall:.1f}s "
-        f"req/s={summary['requests_per_second']} output={output}",
+        f"req/s={summary['requests_per_second']} skipped={summary['skipped_done']} output={output}",
         flush=True,
     )
     return summary

@@ -1,0 +1,154 @@
+"""Exactly-once bookkeeping: duplicate ids in the input, and ``--resume`` from an output folder.
+
+Both happen in one keyed step before inference: every parsed request and every bad-input row is
+keyed by ``custom_id``; with ``resume_from`` the ids that already have a *final* row in that
+output folder are keyed in too. Per id:
+
+* a final row exists -> nothing is sent (counted as ``skipped_done``);
+* otherwise the first item (deterministically: the smallest input line, so the same on every
+  run) is sent, or its bad-input row emitted; any other item with the same id becomes a
+  ``duplicate_custom_id`` failure row and is never sent.
+
+"Final" means an ``ok`` row, or a failure that is not retryable (a retryable failure, such as
+``deadline_exceeded``, is sent again; ``retry_failed=True`` re-sends every failure). The ids are
+read inside the pipeline through Beam's FileSystems, so the output folder may be ``gs://`` and
+nothing depends on one machine's local state.
+
+Example:
+    >>> import apache_beam as beam
+    >>> from arkbatch_beam._types import ChatRequest
+    >>> reqs = [ChatRequest("a", {"messages": []}, "x"), ChatRequest("a", {"messages": []}, "y")]
+    >>> with beam.Pipeline() as p:
+    ...     out = p | beam.Create(reqs) | DedupeAndSkip(None)
+    ...     _ = out.send | "s" >> beam.Map(lambda r: print("send", r.raw))
+    ...     _ = out.failed | "f" >> beam.Map(lambda r: print(r["error_type"]))
+    send x
+    duplicate_custom_id
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from ._sink import FAILURES_DIR, RESULTS_DIR, part_files, read_columns
+from ._types import DUPLICATE, STATUS_OK, ChatRequest, ChatResult
+
+log = logging.getLogger("arkbatch_beam")
+
+FAILED_TAG = "failed"
+_DONE = 0  # sort order inside a group: done markers first, then rows/requests
+_ITEM = 1
+
+
+class _DoneIdsFromFile(beam.DoFn):
+    def __init__(self, retry_failed: bool) -> None:
+        self._retry_failed = retry_failed
+
+    def process(self, item: tuple[str, str]):
+        kind, path = item
+        if kind == "results":
+            cols = read_columns(path, ["custom_id", "status"])
+            for cid, status in zip(cols["custom_id"], cols["status"], strict=True):
+                if status == STATUS_OK:
+                    yield cid
+        elif not self._retry_failed:
+            cols = read_columns(path, ["custom_id", "retryable", "error_type"])
+            for cid, retryable, etype in zip(
+                cols["custom_id"], cols["retryable"], cols["error_type"], strict=True
+            ):
+                if not retryable and etype != DUPLICATE:
+                    yield cid
+
+
+class ReadDoneIds(beam.PTransform):
+    """The ids that already have a final row under ``output`` (empty if there is none)."""
+
+    def __init__(self, output: str, *, retry_failed: bool = False) -> None:
+        super().__init__()
+        self._output = output.rstrip("/")
+        self._retry_failed = retry_failed
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        def list_files(output: str):
+            for kind in (RESULTS_DIR, FAILURES_DIR):
+                for meta in part_files(FileSystems.join(output, kind)):
+                    yield kind, meta.path
+
+        return (
+            pbegin
+            | "Output" >> beam.Create([self._output])
+            | "ListParts" >> beam.FlatMap(list_files)
+            | "Spread" >> beam.Reshuffle()
+            | "Ids" >> beam.ParDo(_DoneIdsFromFile(self._retry_failed))
+        )
+
+
+def _sort_key(item: tuple[int, Any]) -> tuple[int, str]:
+    kind, value = item
+    if kind == _DONE:
+        return (0, "")
+    if isinstance(value, ChatRequest):
+        return (1, value.raw or "")
+    return (1, value.get("request_json") or "")
+
+
+class _Resolve(beam.DoFn):
+    def setup(self) -> None:
+        self._skipped = Metrics.counter("arkbatch", "skipped_done")
+        self._dups = Metrics.counter("arkbatch", "duplicates")
+
+    def process(self, group: tuple[str, Any]):
+        cid, items = group
+        items = sorted(items, key=_sort_key)
+        if items[0][0] == _DONE:
+            self._skipped.inc(sum(1 for k, _ in items if k != _DONE))
+            return
+        first = items[0][1]
+        if isinstance(first, ChatRequest):
+            yield first
+        else:
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, first)
+        for _, value in items[1:]:
+            self._dups.inc()
+            raw = value.raw if isinstance(value, ChatRequest) else value.get("request_json")
+            yield beam.pvalue.TaggedOutput(
+                FAILED_TAG,
+                ChatResult.failure(
+                    cid,
+                    DUPLICATE,
+                    f"custom_id {cid!r} appears more than once in the input; only one copy is sent",
+                    request_json=raw,
+                ).to_row(),
+            )
+
+
+class DedupeAndSkip(beam.PTransform):
+    """Requests and bad-input rows -> one request per id (``send``) and failure rows (``failed``).
+
+    Args:
+        done_ids: a PCollection of ids that already have a final row, or ``None``.
+    """
+
+    def __init__(self, done_ids: beam.PCollection | None) -> None:
+        super().__init__()
+        self._done = done_ids
+
+    def expand(self, items: beam.PCollection) -> Any:
+        def key(x: Any) -> tuple[str, tuple[int, Any]]:
+            cid = x.custom_id if isinstance(x, ChatRequest) else x["custom_id"]
+            return cid, (_ITEM, x)
+
+        keyed = items | "KeyById" >> beam.Map(key)
+        if self._done is not None:
+            done = self._done | "KeyDone" >> beam.Map(lambda cid: (cid, (_DONE, None)))
+            keyed = (keyed, done) | "WithDone" >> beam.Flatten()
+        return (
+            keyed
+            | "GroupById" >> beam.GroupByKey()
+            | "Resolve" >> beam.ParDo(_Resolve()).with_outputs(FAILED_TAG, main="send")
+        )
