@@ -320,6 +320,11 @@ class ArkClient:
                 if isinstance(last, InvalidResponse):
                     invalid += 1
                 self._note_endpoint_error(last)
+            except BaseException:
+                # Cancelled (or an unexpected error) mid-attempt: give the slot back, or
+                # the gate would count this request in flight forever.
+                gate.release(ticket, NEUTRAL)
+                raise
             else:
                 gate.release(ticket, OK)
                 result.attempts = attempts
