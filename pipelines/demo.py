@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import pyarrow.dataset as ds
 
+from arkbatch_beam import report
 from arkbatch_beam.testing import FakeArkServer, Fault
 from pipelines import batch_chat
 
@@ -74,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fake server: {server.total_requests} requests, peak in flight "
               f"{server.peak_in_flight} (cap {args.max_concurrency})")
     out = os.path.join(args.output, "out")
+    print("\n" + report.format_text(report.summarize(out)))
     cols = ["custom_id", "status", "content", "error_type", "error_message", "attempts"]
     for kind in ("results", "failures"):
         table = ds.dataset(os.path.join(out, kind), format="parquet").to_table(columns=cols)
@@ -81,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = sorted(table.to_pylist(), key=lambda r: r["custom_id"])
         for row in rows[:4]:
             print("  " + json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False))
+    print(f"\nreport any time: python -m arkbatch_beam.report {out}")
     return 0
 
 

@@ -1,0 +1,39 @@
+import json
+
+from arkbatch_beam import OUTPUT_SCHEMA, ChatResult
+from arkbatch_beam._sink import write_parquet_atomic
+from arkbatch_beam.report import main, summarize
+
+
+def make_output(tmp_path):
+    out = str(tmp_path)
+    ok = [ChatResult(f"a{i}", "ok", prompt_tokens=10, completion_tokens=5, total_tokens=15,
+                     cached_tokens=2, attempts=1 + (i % 2), latency_ms=float(i)).to_row() for i in range(100)]
+    write_parquet_atomic(ok[:60], out + "/results", OUTPUT_SCHEMA)
+    write_parquet_atomic(ok[60:], out + "/results", OUTPUT_SCHEMA)
+    bad = [ChatResult.failure("b1", "rejected", "policy", http_status=400).to_row(),
+           ChatResult.failure("b2", "deadline_exceeded", "late", retryable=True, http_status=429).to_row(),
+           ChatResult.failure("b3", "rejected", "policy", http_status=400).to_row()]
+    write_parquet_atomic(bad, out + "/failures", OUTPUT_SCHEMA)
+    return out
+
+
+def test_summary_figures(tmp_path):
+    s = summarize(make_output(tmp_path))
+    assert (s["rows"], s["ok"], s["failed"], s["failed_retryable"], s["files"]) == (103, 100, 3, 1, 3)
+    assert s["tokens"]["prompt_tokens"] == 1000 and s["tokens"]["cached_tokens"] == 200
+    assert s["failures_by_type"] == {"rejected": 2, "deadline_exceeded": 1}
+    assert s["failures_by_http_status"] == {"400": 2, "429": 1}
+    assert s["top_failure_messages"][0] == {"error_type": "rejected", "message": "policy", "count": 2}
+    assert s["latency_ms"]["p50"] == 50.0 and s["latency_ms"]["max"] == 99.0
+    assert s["attempts"] == {"1": 50, "2": 50}
+
+
+def test_cli_text_and_json(tmp_path, capsys):
+    out = make_output(tmp_path)
+    assert main([out]) == 0
+    text = capsys.readouterr().out
+    assert "ok 100  failed 3" in text and "re-run with --resume" in text
+    assert main([out, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] == 100
+    assert main([str(tmp_path / "empty")]) == 2
