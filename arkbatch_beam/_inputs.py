@@ -219,3 +219,33 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
             cid_guess or _line_id(raw), bad.error_type, bad.message, request_json=raw
         )
     return ChatRequest(cid if cid is not None else derive_id(body), body, raw)
+
+
+def row_to_item(
+    row: dict[str, Any], prompt_column: str, id_column: str | None = None, system: str | None = None
+) -> dict[str, Any]:
+    """A table row (e.g. from Parquet) -> a chat-form input dict for :func:`parse_input`.
+
+    The prompt column may hold a string (one user prompt) or a list of message objects.
+    A missing or null prompt passes through as-is, so the row becomes a failure row
+    naming the problem rather than disappearing.
+
+    Example:
+        >>> row_to_item({"q": "hi", "k": 7}, "q", "k", system="Be brief.")["messages"][-1]
+        {'role': 'user', 'content': 'hi'}
+    """
+    prompt = row.get(prompt_column)
+    item: dict[str, Any] = {}
+    if id_column is not None and row.get(id_column) is not None:
+        item["custom_id"] = str(row[id_column])
+    if isinstance(prompt, str):
+        messages: Any = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": prompt})
+    elif isinstance(prompt, (list, tuple)):
+        messages = [dict(m) if isinstance(m, dict) else m for m in prompt]
+    else:
+        messages = prompt
+    item["messages"] = messages
+    return item

@@ -104,3 +104,14 @@ def test_bad_options_fail_fast(kw, text):
 def test_json_array_is_rejected_when_format_is_json():
     assert bad("[1, 2]", input_format="chat").error_type == "invalid_input"
     assert bad("plain words", input_format="batch").error_type == "invalid_json"
+
+
+def test_table_rows_become_requests_or_failures():
+    from arkbatch_beam._inputs import row_to_item
+
+    r = ok(row_to_item({"prompt": "hi", "key": 12}, "prompt", "key", system="S"))
+    assert r.custom_id == "12" and r.body["messages"][0] == {"role": "system", "content": "S"}
+    msgs = [{"role": "user", "content": "x"}]
+    assert ok(row_to_item({"prompt": msgs}, "prompt")).body["messages"] == msgs
+    assert bad(row_to_item({"prompt": None, "key": "k"}, "prompt", "key")).error_type == "no_messages"
+    assert bad(row_to_item({"prompt": "", "key": "k"}, "prompt", "key")).custom_id == "k"
