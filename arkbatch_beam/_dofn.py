@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import queue
 from typing import Any
 
@@ -29,7 +30,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from . import _runtime
 from ._config import ClientConfig
 from ._inputs import InputOptions, parse_input
-from ._types import ChatRequest, ChatResult
+from ._types import RESULT_FIELDS, ChatRequest, ChatResult
 
 FAILED_TAG = "failed"
 NAMESPACE = "arkbatch"
@@ -37,6 +38,14 @@ NAMESPACE = "arkbatch"
 
 def _json(body: dict[str, Any]) -> str:
     return orjson.dumps(body).decode()
+
+
+_result_values = operator.attrgetter(*RESULT_FIELDS)
+
+
+def _to_row(result: ChatResult) -> dict[str, Any]:
+    """``result.to_row()``, with one C-level attribute fetch for all the columns."""
+    return dict(zip(RESULT_FIELDS, _result_values(result), strict=True))
 
 
 class EndpointUnusable(RuntimeError):
@@ -104,7 +113,8 @@ class InferDoFn(beam.DoFn):
         self._latency = Metrics.distribution(NAMESPACE, "latency_ms")
 
     def start_bundle(self) -> None:
-        self._done: queue.SimpleQueue[tuple[Any, ChatResult]] = queue.SimpleQueue()
+        # The runtime hands results over in lists (all those completed in one loop iteration).
+        self._done: queue.SimpleQueue[list[tuple[Any, ChatResult]]] = queue.SimpleQueue()
         self._outbox: list[tuple[ChatRequest, Any]] = []
         self._outstanding = 0
 
@@ -116,22 +126,24 @@ class InferDoFn(beam.DoFn):
     ):
         self._outbox.append((request, (window, timestamp, request)))
         self._outstanding += 1
-        self._requests.inc()
         if len(self._outbox) >= self._handoff:
             self._flush()
         # Emit whatever is finished, without waiting.
         done = self._done
         while not done.empty():
-            yield self._emit(*done.get_nowait())
+            for item in done.get_nowait():
+                yield self._emit(*item)
         # Back-pressure: wait for the first completion when the window is full.
         while self._outstanding >= self._max_pending:
             self._flush()
-            yield self._emit(*self._get())
+            for item in self._get():
+                yield self._emit(*item)
 
     def finish_bundle(self):
         self._flush()
         while self._outstanding > 0:
-            yield self._emit(*self._get())
+            for item in self._get():
+                yield self._emit(*item)
         if self._rt is not None:
             paused = self._rt.take_paused_seconds()
             if paused:
@@ -146,13 +158,11 @@ class InferDoFn(beam.DoFn):
     def _flush(self) -> None:
         if self._outbox:
             assert self._rt is not None
-            self._rt.submit_many(self._outbox, self._put)
+            self._requests.inc(len(self._outbox))
+            self._rt.submit_batch(self._outbox, self._done.put)
             self._outbox = []
 
-    def _put(self, tag: Any, result: ChatResult) -> None:
-        self._done.put((tag, result))
-
-    def _get(self) -> tuple[Any, ChatResult]:
+    def _get(self) -> list[tuple[Any, ChatResult]]:
         while True:
             try:
                 return self._done.get(timeout=5.0)
@@ -181,5 +191,5 @@ class InferDoFn(beam.DoFn):
             self._check_fatal()
         if result.attempts > 1:
             self._retries.inc(result.attempts - 1)
-        wv = WindowedValue(result.to_row(), timestamp, (window,))
+        wv = WindowedValue(_to_row(result), timestamp, (window,))
         return wv if result.ok else beam.pvalue.TaggedOutput(FAILED_TAG, wv)

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import os
@@ -43,6 +44,7 @@ from ._types import ChatRequest, ChatResult
 log = logging.getLogger("arkbatch_beam")
 
 Sink = Callable[[Any, ChatResult], None]
+BatchSink = Callable[[list[tuple[Any, ChatResult]]], None]
 
 
 class SharedRuntime:
@@ -58,6 +60,16 @@ class SharedRuntime:
         self._thread.start()
         self._paused_reported = 0.0
         self._lock = threading.Lock()
+        # The worker pool (loop thread only): requests wait in ``_queue`` (FIFO) for one of at
+        # most ``max_concurrency`` long-lived worker coroutines, so a request costs a deque
+        # append and pop instead of a task and a gate waiter; parked workers wait in ``_idle``.
+        # The gate inside ``complete`` still decides when each request may be sent.
+        self._queue: collections.deque[tuple[ChatRequest, Any, Any, bool]] = collections.deque()
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._workers = 0
+        # Results for batch sinks, handed over once per loop iteration (one thread hop per batch).
+        self._ready: dict[Any, tuple[BatchSink, list[tuple[Any, ChatResult]]]] = {}
+        self._flush_handle: asyncio.Handle | None = None
         try:
             asyncio.run_coroutine_threadsafe(self.client.start(), self._loop).result()
         except BaseException:
@@ -87,14 +99,68 @@ class SharedRuntime:
         ``sink`` is called in the loop thread; it must be quick and thread-safe (a
         ``queue.SimpleQueue.put`` is the intended use).
         """
-        self._loop.call_soon_threadsafe(self._spawn, list(items), sink)
+        self._loop.call_soon_threadsafe(self._enqueue, list(items), sink, False)
 
-    def _spawn(self, items: list[tuple[ChatRequest, Any]], sink: Sink) -> None:
-        complete = self.client.complete
-        create = self._loop.create_task
+    def submit_batch(self, items: Iterable[tuple[ChatRequest, Any]], sink: BatchSink) -> None:
+        """Like :meth:`submit_many`, but ``sink(results)`` gets lists of ``(tag, result)``.
+
+        Every result completed in one loop iteration goes out in one call (one thread hop per
+        batch of results, not per result), as soon as that iteration ends.
+        """
+        self._loop.call_soon_threadsafe(self._enqueue, list(items), sink, True)
+
+    def _enqueue(self, items: list[tuple[ChatRequest, Any]], sink: Any, batch: bool) -> None:
+        queue = self._queue
         for request, tag in items:
-            task = create(complete(request))
-            task.add_done_callback(lambda t, tag=tag, r=request: _deliver(t, tag, r, sink))
+            queue.append((request, tag, sink, batch))
+        idle = self._idle
+        waiting = len(queue)
+        while idle and waiting:
+            fut = idle.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                waiting -= 1
+        spawn = min(waiting, self.config.max_concurrency - self._workers)
+        for _ in range(spawn):
+            self._workers += 1
+            self._loop.create_task(self._worker())
+
+    async def _worker(self) -> None:
+        queue, complete, loop = self._queue, self.client.complete, self._loop
+        try:
+            while True:
+                while queue:
+                    request, tag, sink, batch = queue.popleft()
+                    try:
+                        result = await complete(request)
+                    except asyncio.CancelledError:
+                        self._deliver(sink, batch, tag, _cancelled(request))
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - becomes a failure row, never lost
+                        result = _internal_error(request, exc)
+                    self._deliver(sink, batch, tag, result)
+                fut = loop.create_future()
+                self._idle.append(fut)
+                await fut
+        finally:
+            self._workers -= 1
+
+    def _deliver(self, sink: Any, batch: bool, tag: Any, result: ChatResult) -> None:
+        if not batch:
+            sink(tag, result)
+            return
+        entry = self._ready.get(sink)
+        if entry is None:
+            entry = self._ready[sink] = (sink, [])
+        entry[1].append((tag, result))
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_ready)
+
+    def _flush_ready(self) -> None:
+        self._flush_handle = None
+        ready, self._ready = self._ready, {}
+        for sink, results in ready.values():
+            sink(results)
 
     def take_paused_seconds(self) -> float:
         """Seconds paused since the last call (so several DoFns never double-count)."""
@@ -107,10 +173,16 @@ class SharedRuntime:
     def close(self, timeout: float = 30.0) -> None:
         """Close the client's session and stop the loop thread."""
         try:
-            asyncio.run_coroutine_threadsafe(self.client.close(), self._loop).result(timeout)
+            asyncio.run_coroutine_threadsafe(self._aclose(), self._loop).result(timeout)
         except Exception:  # noqa: BLE001 - best effort on shutdown
             log.warning("arkbatch runtime: session did not close cleanly", exc_info=True)
         self._stop_loop()
+
+    async def _aclose(self) -> None:
+        idle, self._idle = self._idle, collections.deque()
+        for fut in idle:
+            fut.cancel()  # parked workers end; nothing of theirs is pending
+        await self.client.close()
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -119,21 +191,18 @@ class SharedRuntime:
             self._loop.close()
 
 
-def _deliver(task: asyncio.Task, tag: Any, request: ChatRequest, sink: Sink) -> None:
-    if task.cancelled():
-        result = ChatResult.failure(
-            request.custom_id, "cancelled", "the runtime shut down before an answer",
-            request_json=request.raw, retryable=True,
-        )
-    elif task.exception() is not None:
-        exc = task.exception()
-        result = ChatResult.failure(
-            request.custom_id, "internal_error", f"{type(exc).__name__}: {exc}",
-            request_json=request.raw, retryable=True,
-        )
-    else:
-        result = task.result()
-    sink(tag, result)
+def _cancelled(request: ChatRequest) -> ChatResult:
+    return ChatResult.failure(
+        request.custom_id, "cancelled", "the runtime shut down before an answer",
+        request_json=request.raw, retryable=True,
+    )
+
+
+def _internal_error(request: ChatRequest, exc: BaseException) -> ChatResult:
+    return ChatResult.failure(
+        request.custom_id, "internal_error", f"{type(exc).__name__}: {exc}",
+        request_json=request.raw, retryable=True,
+    )
 
 
 _registry: dict[tuple[int, ClientConfig], list[Any]] = {}

@@ -166,6 +166,44 @@ def _counter(result: Any, name: str) -> int:
     return int(sum(c.committed or 0 for c in res["counters"]))
 
 
+def build_pipeline(
+    p: beam.Pipeline,
+    args: argparse.Namespace,
+    *,
+    config: ClientConfig | None = None,
+    inputs: InputOptions | None = None,
+) -> None:
+    """Add the CLI's steps to ``p`` (read -> infer -> Parquet parts -> compact) without running.
+
+    ``args`` are the CLI's parsed flags (:func:`build_parser`); ``config``/``inputs`` default to
+    the ones they describe. Nothing here touches the endpoint or the output folder, so a graph
+    for any runner (e.g. Dataflow) can be built and inspected offline.
+    """
+    if config is None or inputs is None:
+        config, inputs = _config_from(args)
+    output = args.output.rstrip("/")
+    ok, failures = (
+        p
+        | "Read" >> beam.io.ReadFromText(args.input)
+        | "Infer" >> BatchChatInference(
+            config,
+            input_options=inputs,
+            include_request=args.include_request,
+            resume_from=output if args.resume else None,
+            retry_failed=args.retry_failed,
+        ).with_exception_handling()
+    )
+    # Each output straight into its writer (no Flatten in between), so the writers fuse
+    # with inference and parts become durable while the job runs, on every runner.
+    parts = (
+        ok | "WriteResults" >> WriteResults(output, max_rows=args.part_rows, max_seconds=args.part_seconds),
+        failures
+        | "WriteFailures" >> WriteResults(output, max_rows=args.part_rows, max_seconds=args.part_seconds),
+    ) | "AllParts" >> beam.Flatten()
+    if not args.no_compact:
+        _ = parts | "Compact" >> CompactOutput(output)
+
+
 def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -> dict[str, Any]:
     """Parse ``argv``, run the pipeline, print and return the summary."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -197,26 +235,7 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         )
     started = time.monotonic()
     with beam.Pipeline(options=options) as p:
-        ok, failures = (
-            p
-            | "Read" >> beam.io.ReadFromText(args.input)
-            | "Infer" >> BatchChatInference(
-                config,
-                input_options=inputs,
-                include_request=args.include_request,
-                resume_from=output if args.resume else None,
-                retry_failed=args.retry_failed,
-            ).with_exception_handling()
-        )
-        # Each output straight into its writer (no Flatten in between), so the writers fuse
-        # with inference and parts become durable while the job runs, on every runner.
-        parts = (
-            ok | "WriteResults" >> WriteResults(output, max_rows=args.part_rows, max_seconds=args.part_seconds),
-            failures
-            | "WriteFailures" >> WriteResults(output, max_rows=args.part_rows, max_seconds=args.part_seconds),
-        ) | "AllParts" >> beam.Flatten()
-        if not args.no_compact:
-            _ = parts | "Compact" >> CompactOutput(output)
+        build_pipeline(p, args, config=config, inputs=inputs)
     result = p.result
     wall = time.monotonic() - started
     ok = _counter(result, "rows_written_ok")
