@@ -56,9 +56,11 @@ from ._types import STATUS_FAILED, STATUS_OK, ChatRequest, ChatResult
 
 log = logging.getLogger("arkbatch_beam")
 
-# After this many 401/403/404 answers with no success at all, the endpoint is declared
-# unusable (wrong key or endpoint id) and the client reports it as fatal.
-FATAL_AFTER = 3
+# When the first this-many answers the endpoint gives are all 401/403/404 (no success, no
+# other answer of any kind in between), the endpoint is declared unusable (wrong key or
+# endpoint id) and the client reports it as fatal. A few scripted or transient 401s among
+# other answers never are.
+FATAL_AFTER = 10
 
 
 class MissingApiKey(RuntimeError):
@@ -138,6 +140,7 @@ class ArkClient:
         self.ok = 0
         self.failed = 0
         self._endpoint_errors = 0
+        self._other_answers = 0
         self.fatal: str | None = None
 
     def __repr__(self) -> str:
@@ -319,7 +322,7 @@ class ArkClient:
                 last = exc if isinstance(exc, ArkError) else map_transport_error(exc)
                 if isinstance(last, InvalidResponse):
                     invalid += 1
-                self._note_endpoint_error(last)
+                self._note_answer(last)
             except BaseException:
                 # Cancelled (or an unexpected error) mid-attempt: give the slot back, or
                 # the gate would count this request in flight forever.
@@ -327,6 +330,7 @@ class ArkClient:
                 raise
             else:
                 gate.release(ticket, OK)
+                self._other_answers += 1
                 result.attempts = attempts
                 result.latency_ms = (loop.time() - first_send) * 1000.0
                 result.request_id = rid
@@ -361,9 +365,13 @@ class ArkClient:
                 data = await resp.read()
                 return resp.status, resp.headers, data
 
-    def _note_endpoint_error(self, err: ArkError) -> None:
-        if isinstance(err, EndpointError) and self.ok == 0:
-            self._endpoint_errors += 1
+    def _note_answer(self, err: ArkError) -> None:
+        if not isinstance(err, EndpointError):
+            if err.http_status is not None:  # the endpoint answered something else
+                self._other_answers += 1
+            return
+        self._endpoint_errors += 1
+        if self.ok == 0 and self._other_answers == 0:
             if self._endpoint_errors >= FATAL_AFTER and self.fatal is None:
                 self.fatal = (
                     f"the endpoint {self.config.endpoint.url} answered HTTP {err.http_status} "

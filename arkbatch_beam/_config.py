@@ -160,6 +160,9 @@ class ClientConfig:
         backoff: :class:`Backoff` for retries without ``Retry-After``.
         max_invalid_responses: how many 200 answers with unparseable JSON a request may
             get before it fails (1..20).
+        progress_seconds: every this-many seconds each worker process logs one progress
+            line (done, ok, failed, in flight, queued, rate, paused) at INFO on the
+            ``arkbatch_beam`` logger; 0 turns it off (0 or 1..86400, default 30).
 
     Example:
         >>> ClientConfig("ep-123").endpoint.model
@@ -173,6 +176,7 @@ class ClientConfig:
     connect_timeout: float = 10.0
     backoff: Backoff = dataclasses.field(default_factory=Backoff)
     max_invalid_responses: int = 3
+    progress_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoint, str):
@@ -191,6 +195,8 @@ class ClientConfig:
         if not isinstance(self.backoff, Backoff):
             raise ValueError(f"backoff must be a Backoff, got {self.backoff!r}")
         _check_range("max_invalid_responses", self.max_invalid_responses, 1, 20)
+        if self.progress_seconds != 0:
+            _check_range("progress_seconds", self.progress_seconds, 1, 86400, " s (or 0: off)")
 
     def describe(self) -> dict[str, Any]:
         """A flat, key-free description (for display_data and logs)."""

@@ -65,12 +65,14 @@ class ParseDoFn(beam.DoFn):
     def process(self, element: Any):
         if isinstance(element, (str, bytes)) and not element.strip():
             self._blank.inc()  # blank lines carry no prompt and no id: counted, not sent
+            _runtime.note_skipped(1)
             return
         parsed = parse_input(element, self._options)
         if isinstance(parsed, ChatRequest):
             yield parsed
         else:
             self._bad.inc()
+            _runtime.note_skipped(1)
             yield beam.pvalue.TaggedOutput(FAILED_TAG, parsed.to_row())
 
 

@@ -35,6 +35,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from . import _runtime
 from ._sink import FAILURES_DIR, RESULTS_DIR, part_files, read_columns
 from ._types import DUPLICATE, STATUS_OK, ChatRequest, ChatResult
 
@@ -106,13 +107,17 @@ class _Resolve(beam.DoFn):
         cid, items = group
         items = sorted(items, key=_sort_key)
         if items[0][0] == _DONE:
-            self._skipped.inc(sum(1 for k, _ in items if k != _DONE))
+            skipped = sum(1 for k, _ in items if k != _DONE)
+            self._skipped.inc(skipped)
+            _runtime.note_skipped(skipped)
             return
         first = items[0][1]
         if isinstance(first, ChatRequest):
             yield first
         else:
             yield beam.pvalue.TaggedOutput(FAILED_TAG, first)
+        if len(items) > 1:
+            _runtime.note_skipped(len(items) - 1)
         for _, value in items[1:]:
             self._dups.inc()
             raw = value.raw if isinstance(value, ChatRequest) else value.get("request_json")

@@ -75,6 +75,9 @@ class SharedRuntime:
         except BaseException:
             self._stop_loop()
             raise
+        self._progress = _Progress(self) if config.progress_seconds else None
+        if self._progress is not None:
+            self._loop.call_soon_threadsafe(self._progress.schedule)
 
     def __repr__(self) -> str:
         return f"SharedRuntime({self.client!r})"
@@ -178,7 +181,24 @@ class SharedRuntime:
             log.warning("arkbatch runtime: session did not close cleanly", exc_info=True)
         self._stop_loop()
 
+    def in_flight(self) -> int:
+        """Requests on the wire now (loop thread; approximate from other threads)."""
+        return sum(g.in_flight for g in self.client._gates.values())
+
+    def paused_for(self) -> float:
+        """Seconds until the longest announced pause ends (0 when not paused)."""
+        now = self._loop.time()
+        return max((g.paused_until - now for g in self.client._gates.values() if g.paused), default=0.0)
+
+    def queued(self) -> int:
+        """Requests handed to the runtime and waiting for a worker coroutine."""
+        return len(self._queue)
+
     async def _aclose(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            if self.client.ok + self.client.failed:
+                log.info("%s (final)", self._progress.line())
         idle, self._idle = self._idle, collections.deque()
         for fut in idle:
             fut.cancel()  # parked workers end; nothing of theirs is pending
@@ -189,6 +209,82 @@ class SharedRuntime:
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+# What the caller told this process about the job (the CLI, on an in-process runner):
+# how many input lines there are and how many ids a resume skipped, so the progress line
+# can show a fraction and an ETA. Other processes log rates only.
+_job_totals: dict[str, int] = {}
+
+
+def set_expected_total(lines: int | None) -> None:
+    """Tell this process's progress lines how many inputs the whole job has (``None``: unknown)."""
+    if lines is None:
+        _job_totals.pop("lines", None)
+    else:
+        _job_totals["lines"] = int(lines)
+    _job_totals.pop("skipped", None)
+
+
+def note_skipped(n: int) -> None:
+    """Count ids that need no request (already done, duplicates) toward the progress fraction."""
+    _job_totals["skipped"] = _job_totals.get("skipped", 0) + n
+
+
+class _Progress:
+    """One INFO line every ``progress_seconds`` per runtime, from the loop's own timer."""
+
+    def __init__(self, rt: SharedRuntime) -> None:
+        self._rt = rt
+        self._interval = rt.config.progress_seconds
+        self._handle: asyncio.TimerHandle | None = None
+        self._started = rt.loop.time()
+        self._last: tuple[float, int] = (self._started, 0)
+
+    def schedule(self) -> None:
+        self._handle = self._rt.loop.call_later(self._interval, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def line(self) -> str:
+        rt, c = self._rt, self._rt.client
+        now = rt.loop.time()
+        done = c.ok + c.failed
+        t0, d0 = self._last
+        self._last = (now, done)
+        rate = (done - d0) / (now - t0) if now > t0 else 0.0
+        text = (
+            f"arkbatch progress (pid {os.getpid()}): done={done} ok={c.ok} failed={c.failed} "
+            f"in_flight={rt.in_flight()} queued={rt.queued()} attempts={c.attempts} "
+            f"rate={rate:.1f}/s elapsed={now - self._started:.0f}s"
+        )
+        paused = rt.paused_for()
+        if paused > 0:
+            text += f" paused (server asked; {paused:.0f}s left)"
+        total = _job_totals.get("lines")
+        if total:
+            todo = max(total - _job_totals.get("skipped", 0), done, 1)
+            text += f" of~{todo} ({100.0 * done / todo:.1f}%)"
+            if rate > 0 and todo > done:
+                text += f" eta={_duration((todo - done) / rate)}"
+        return text
+
+    def _tick(self) -> None:
+        self._handle = None
+        try:
+            log.info("%s", self.line())
+        finally:
+            self.schedule()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def _cancelled(request: ChatRequest) -> ChatResult:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -43,10 +45,12 @@ from arkbatch_beam import (
     Endpoint,
     InputOptions,
     WriteResults,
+    _runtime,
 )
 from arkbatch_beam._client import MissingApiKey
 from arkbatch_beam._config import DEFAULT_MAX_CONCURRENCY, DEFAULT_TIMEOUT
 from arkbatch_beam._dofn import NAMESPACE, EndpointUnusable
+from arkbatch_beam._inputs import INPUT_FORMATS, row_to_item
 from arkbatch_beam._sink import FAILURES_DIR, RESULTS_DIR, CompactOutput, part_files
 
 log = logging.getLogger("arkbatch_beam")
@@ -63,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run chat prompts through Ark batch inference (or any OpenAI-compatible "
         "endpoint) on Apache Beam; write Parquet results and failures.",
     )
-    p.add_argument("--input", required=True, help="JSONL/text path or glob (local or gs://)")
+    p.add_argument("--input", required=True,
+                   help="JSONL/text (also .gz) or Parquet path or glob (local or gs://)")
     p.add_argument("--output", required=True, help="output folder (local or gs://)")
     p.add_argument("--model", default=None, help="endpoint id / model for bodies without one")
     p.add_argument("--base_url", default=ARK_BASE_URL)
@@ -77,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect_timeout", type=float, default=10.0)
     p.add_argument("--backoff_initial", type=float, default=0.5)
     p.add_argument("--backoff_max", type=float, default=8.0)
-    p.add_argument("--input_format", default="auto", help="auto|batch|chat|text")
+    p.add_argument("--input_format", default="auto",
+                   help="auto|batch|chat|text|parquet (auto: parquet when --input ends in .parquet, "
+                   "else detected per line)")
+    p.add_argument("--prompt_column", default="prompt",
+                   help="Parquet input: the column holding the prompt (a string, or a list of messages)")
+    p.add_argument("--id_column", default=None,
+                   help="Parquet input: the column holding the custom_id (default: derived from the prompt)")
     p.add_argument("--system", default=None, help="system prompt for plain-text prompts")
     p.add_argument("--strict_model", action="store_true", help="reject bodies whose model differs")
     p.add_argument("--max_request_bytes", type=int, default=4 * 1024 * 1024)
@@ -89,11 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry_failed", action="store_true", help="with --resume, re-send failures too")
     p.add_argument("--no_compact", action="store_true", help="leave the parts; do not merge at the end")
     p.add_argument("--no_preflight", action="store_true", help="skip the endpoint reachability check")
+    p.add_argument("--progress_seconds", type=float, default=30.0,
+                   help="each worker process logs a progress line this often, 1..86400 (0: off)")
     return p
+
+
+def is_parquet(args: argparse.Namespace) -> bool:
+    """Whether ``--input`` is read as Parquet (named, or auto with a ``.parquet`` suffix)."""
+    return args.input_format == "parquet" or (
+        args.input_format == "auto" and args.input.rstrip("*").endswith((".parquet", ".parq"))
+    )
 
 
 def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
     try:
+        formats = (*INPUT_FORMATS, "parquet")
+        if args.input_format not in formats:
+            raise ValueError(f"input_format must be one of {', '.join(formats)}, got {args.input_format!r}")
         endpoint = Endpoint(
             args.model, base_url=args.base_url, path=args.path, api_key_env=args.api_key_env
         )
@@ -104,9 +127,11 @@ def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
             attempt_timeout=args.attempt_timeout,
             connect_timeout=args.connect_timeout,
             backoff=Backoff(initial=args.backoff_initial, max_delay=args.backoff_max),
+            progress_seconds=args.progress_seconds,
         )
         inputs = InputOptions(
-            input_format=args.input_format,
+            # Parquet rows become chat-form dicts before parsing (see build_pipeline).
+            input_format="chat" if is_parquet(args) else args.input_format,
             system=args.system,
             model=args.model,
             strict_model=args.strict_model,
@@ -128,9 +153,12 @@ def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
 
 
 def preflight(config: ClientConfig) -> None:
-    """Fail fast when the endpoint is unreachable or its path does not exist.
+    """Fail fast when the endpoint is unreachable; warn when it answers a probe oddly.
 
     Sends one ``GET`` (not a chat request, so nothing is billed or counted as an answer).
+    Only a connection failure stops the job here: servers answer a ``GET`` on a POST-only
+    path in many ways (404, 405, 401), so a wrong path or key is caught for sure by the
+    workers instead, when the first answers to real requests are all 401/403/404.
     """
     ep = config.endpoint
     req = urllib.request.Request(ep.url, method="GET")
@@ -142,16 +170,60 @@ def preflight(config: ClientConfig) -> None:
             return
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
-            raise UsageError(
-                f"endpoint {ep.url} answered 404: check --base_url and --path"
-            ) from None
-        if exc.code in (401, 403):
-            raise UsageError(
-                f"endpoint {ep.url} refused the key in ${ep.api_key_env} (HTTP {exc.code})"
-            ) from None
+            log.warning("endpoint %s answered 404 to a GET probe: check --base_url and --path "
+                        "if the requests fail too", ep.url)
+        elif exc.code in (401, 403):
+            log.warning("endpoint %s answered HTTP %d to a GET probe: check the key in $%s "
+                        "if the requests fail too", ep.url, exc.code, ep.api_key_env)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UsageError(f"endpoint {ep.url} is unreachable: {reason}") from None
+
+
+def check_input(args: argparse.Namespace) -> list[Any]:
+    """The files ``--input`` matches (metadata); a clear error when none, or a bad column."""
+    try:
+        files = FileSystems.match([args.input])[0].metadata_list
+    except Exception as exc:  # noqa: BLE001 - Beam raises its own error types per filesystem
+        raise UsageError(f"--input {args.input}: {exc}") from None
+    if not files:
+        raise UsageError(f"--input {args.input} matches no file")
+    if is_parquet(args):
+        with FileSystems.open(files[0].path) as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+        for flag, col in (("--prompt_column", args.prompt_column), ("--id_column", args.id_column)):
+            if col is not None and col not in names:
+                raise UsageError(f"{flag} {col!r} is not a column of {files[0].path}; it has: {', '.join(names)}")
+    return files
+
+
+def count_inputs(args: argparse.Namespace, files: list[Any]) -> int:
+    """How many prompts the inputs hold: Parquet row counts, or text lines (one pass, streamed)."""
+    total = 0
+    for m in files:
+        with FileSystems.open(m.path) as f:
+            if is_parquet(args):
+                total += pq.ParquetFile(f).metadata.num_rows
+                continue
+            last = b"\n"
+            while chunk := f.read(1 << 20):
+                total += chunk.count(b"\n")
+                last = chunk[-1:]
+            total += last != b"\n"  # a last line without a newline
+    return total
+
+
+def _count_in_background(args: argparse.Namespace, files: list[Any]) -> None:
+    """Give this process's progress lines a total (so they show % and an ETA), off the main thread."""
+
+    def work() -> None:
+        try:
+            _runtime.set_expected_total(count_inputs(args, files))
+        except Exception:  # noqa: BLE001 - progress without a total is still progress
+            log.debug("could not count the inputs", exc_info=True)
+
+    _runtime.set_expected_total(None)
+    threading.Thread(target=work, name="arkbatch-count", daemon=True).start()
 
 
 def _has_parts(output: str) -> bool:
@@ -182,9 +254,16 @@ def build_pipeline(
     if config is None or inputs is None:
         config, inputs = _config_from(args)
     output = args.output.rstrip("/")
+    if is_parquet(args):
+        lines = (
+            p
+            | "Read" >> beam.io.ReadFromParquet(args.input)
+            | "Rows" >> beam.Map(row_to_item, args.prompt_column, args.id_column, args.system)
+        )
+    else:
+        lines = p | "Read" >> beam.io.ReadFromText(args.input)
     ok, failures = (
-        p
-        | "Read" >> beam.io.ReadFromText(args.input)
+        lines
         | "Infer" >> BatchChatInference(
             config,
             input_options=inputs,
@@ -222,6 +301,7 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         log.warning("%s is not set here; the workers must have it in their environment", ep.api_key_env)
     if config.timeout < 600 and not ep.base_url.startswith(("http://127.", "http://localhost")):
         log.warning("--timeout %gs is below Ark's advised 10 minutes for batch endpoints", config.timeout)
+    files = check_input(args)
     if not args.no_preflight:
         preflight(config)
     options = PipelineOptions(beam_args, save_main_session=save_main_session)
@@ -233,6 +313,10 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
             f"--output {output} already holds results: add --resume to continue that job "
             "(only missing ids are sent), or choose an empty folder"
         )
+    if direct and config.progress_seconds:
+        # The DirectRunner runs the workers in this process: show their progress lines here.
+        logging.getLogger("arkbatch_beam").setLevel(logging.INFO)
+        _count_in_background(args, files)
     started = time.monotonic()
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, args, config=config, inputs=inputs)

@@ -68,15 +68,18 @@ def test_missing_key_fails_fast(server, tmp_path, capsys, monkeypatch):
     assert f"{KEY_ENV} is not set" in capsys.readouterr().err
 
 
-def test_wrong_path_and_unreachable_endpoint_fail_fast(server, tmp_path, capsys):
-    inp = write_jsonl(tmp_path / "in.jsonl", 3)
-    assert batch_chat.main(argv(server, inp, str(tmp_path / "o"), "--path", "/nope")) == 2
-    assert "answered 404" in capsys.readouterr().err
+def test_wrong_path_fails_the_job_and_unreachable_endpoint_fails_fast(server, tmp_path, capsys, caplog):
+    # A wrong path: the GET probe only warns (servers answer a GET on a POST path in many
+    # ways); the workers then see nothing but 404s and stop the job instead of failing every row.
+    inp = write_jsonl(tmp_path / "in.jsonl", 40)
+    assert batch_chat.main(argv(server, inp, str(tmp_path / "o"), "--path", "/nope")) == 1
+    assert "answered HTTP 404" in capsys.readouterr().err
+    assert any("answered 404 to a GET probe" in r.getMessage() for r in caplog.records)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    args = argv(server, inp, str(tmp_path / "o"))
+    args = argv(server, inp, str(tmp_path / "o2"))
     args[args.index("--base_url") + 1] = f"http://127.0.0.1:{port}/api/v3"
     assert batch_chat.main(args) == 2
     assert "unreachable" in capsys.readouterr().err
@@ -108,3 +111,44 @@ def test_demo_runs(tmp_path, capsys):
     assert demo.main(["--n", "200", "--output", str(tmp_path / "demo"), "--latency", "0"]) == 0
     text = capsys.readouterr().out
     assert "summary: ok=200 failed=2" in text and "results: 200 rows" in text
+
+
+def test_parquet_input_with_prompt_and_id_columns(server, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "k": [f"row-{i}" for i in range(12)] + ["row-3", None],
+        "q": [f"p {i}" for i in range(12)] + ["p 3 again", "no id given"],
+    })
+    table = pa.concat_tables([table, pa.table({"k": ["row-empty"], "q": pa.array([None], pa.string())})])
+    pq.write_table(table, tmp_path / "prompts.parquet")
+    out = str(tmp_path / "out")
+    args = argv(server, str(tmp_path / "prompts.parquet"), out, "--prompt_column", "q", "--id_column", "k",
+                "--system", "Be brief.", "--include_request")
+    assert batch_chat.main(args) == 0
+    ok = {r["custom_id"]: r for r in read(out, "results")}
+    failed = {r["custom_id"]: r for r in read(out, "failures")}
+    assert sorted(ok) == sorted([f"row-{i}" for i in range(12)] + [next(k for k in ok if k.startswith("h-"))])
+    assert ok["row-5"]["content"] == "echo: p 5"
+    assert set(failed) == {"row-3", "row-empty"}  # the second row-3, and a null prompt
+    assert failed["row-3"]["error_type"] == "duplicate_custom_id"
+    dup = json.loads(failed["row-3"]["request_json"])["messages"][-1]["content"]
+    assert {ok["row-3"]["content"], "echo: " + dup} == {"echo: p 3", "echo: p 3 again"}  # one sent, one kept
+    assert failed["row-empty"]["error_type"] in {"invalid_input", "no_messages"}
+    assert server.total_requests == 13
+    body = json.loads(ok["row-5"]["request_json"])
+    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "p 5"}]
+    assert "summary: ok=13 failed=2 " in capsys.readouterr().out
+
+
+def test_parquet_input_bad_column_and_missing_input_fail_fast(server, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["hi"]}), tmp_path / "in.parquet")
+    assert batch_chat.main(argv(server, str(tmp_path / "in.parquet"), str(tmp_path / "o"))) == 2
+    assert "--prompt_column 'prompt' is not a column of" in capsys.readouterr().err
+    assert batch_chat.main(argv(server, str(tmp_path / "nothing-*.jsonl"), str(tmp_path / "o"))) == 2
+    assert "matches no file" in capsys.readouterr().err
+    assert server.total_requests == 0

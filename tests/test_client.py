@@ -31,6 +31,7 @@ from arkbatch_beam import (
     Endpoint,
     MissingApiKey,
 )
+from arkbatch_beam._client import FATAL_AFTER
 from arkbatch_beam.testing import FakeArkServer, Fault
 
 pytestmark = pytest.mark.timeout(60)
@@ -276,7 +277,9 @@ def test_400_is_rejected_not_retried(server: FakeArkServer) -> None:
     assert client.fatal is None and (client.ok, client.failed) == (0, 1)
 
 
-def test_401_is_endpoint_error_and_fatal_after_three(server: FakeArkServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_401_is_endpoint_error_and_fatal_when_every_answer_is_one(
+    server: FakeArkServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     server.add_fault(Fault.unauthorized(times=-1))
     cfg = config(server.base_url)
@@ -284,7 +287,7 @@ def test_401_is_endpoint_error_and_fatal_after_three(server: FakeArkServer, capl
 
     async def fn(client: ArkClient) -> list[ChatResult]:
         out = []
-        for i in range(3):
+        for i in range(FATAL_AFTER):
             out.append(await client.complete(req(f"u{i}")))
             fatal_seen.append(client.fatal)
         return out
@@ -301,12 +304,26 @@ def test_401_is_endpoint_error_and_fatal_after_three(server: FakeArkServer, capl
         assert res.status == "failed" and res.error_type == "endpoint_error"
         assert res.http_status == 401 and res.error_code == "AuthenticationError"
         assert res.retryable is False and res.attempts == 1
-    assert fatal_seen[:2] == [None, None]
-    assert client.fatal is not None and fatal_seen[2] == client.fatal
+    assert fatal_seen[:-1] == [None] * (FATAL_AFTER - 1)
+    assert client.fatal is not None and fatal_seen[-1] == client.fatal
     assert "HTTP 401" in client.fatal
     assert KEY_ENV in client.fatal and SECRET not in client.fatal
-    assert server.total_requests == 3
+    assert server.total_requests == FATAL_AFTER
     assert any(r.levelno == logging.ERROR and "HTTP 401" in r.getMessage() for r in caplog.records)
+
+
+def test_endpoint_errors_after_another_answer_are_not_fatal(server: FakeArkServer) -> None:
+    # One 400 first: the endpoint and key work, so later 401s are per-request problems.
+    server.add_fault(Fault.bad_request("no", match="b"))
+    server.add_fault(Fault.unauthorized(match="u", times=-1))
+
+    async def fn(client: ArkClient) -> tuple[str | None, int]:
+        assert (await client.complete(req("b"))).error_type == "rejected"
+        for _ in range(FATAL_AFTER + 2):
+            assert (await client.complete(req("u"))).error_type == "endpoint_error"
+        return client.fatal, client.failed
+
+    assert run(config(server.base_url), fn) == (None, FATAL_AFTER + 3)
 
 
 def test_endpoint_errors_after_a_success_are_not_fatal(server: FakeArkServer) -> None:
@@ -324,7 +341,7 @@ def test_endpoint_errors_after_a_success_are_not_fatal(server: FakeArkServer) ->
 def test_wrong_key_is_fatal_without_leaking_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, SECRET)
     with FakeArkServer(api_key="the-right-key") as srv:
-        results, client, _ = complete_all(config(srv.base_url), [req(f"w{i}") for i in range(5)])
+        results, client, _ = complete_all(config(srv.base_url), [req(f"w{i}") for i in range(FATAL_AFTER)])
     assert all(r.error_type == "endpoint_error" and r.http_status == 401 for r in results)
     assert client.fatal is not None and "401" in client.fatal
     assert SECRET not in client.fatal
@@ -524,7 +541,7 @@ def test_api_key_never_leaks(server: FakeArkServer, caplog: pytest.LogCaptureFix
 
     async def fn(client: ArkClient) -> list[ChatResult]:
         holder["c"] = client
-        out = [await client.complete(req("u")) for _ in range(3)]  # -> fatal, logged
+        out = [await client.complete(req("u")) for _ in range(FATAL_AFTER)]  # -> fatal, logged
         out += await asyncio.gather(*(client.complete(req(k)) for k in keys[1:]))
         return out
 

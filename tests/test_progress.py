@@ -1,0 +1,68 @@
+"""Progress lines: each worker process's runtime logs done/ok/failed/in flight/rate, and % + ETA
+when the job's size is known (the CLI counts the inputs for in-process runners)."""
+
+import asyncio
+import logging
+
+import pytest
+
+from arkbatch_beam import ChatRequest, ClientConfig, Endpoint, _runtime
+from arkbatch_beam.testing import Fault
+from pipelines import batch_chat
+
+from .conftest import KEY_ENV, write_jsonl
+
+
+def _req(i):
+    return ChatRequest(f"id-{i}", {"messages": [{"role": "user", "content": f"p {i}"}]})
+
+
+def _line(rt):
+    return asyncio.run_coroutine_threadsafe(_async(rt._progress.line), rt.loop).result(10)
+
+
+async def _async(fn):
+    return fn()
+
+
+def test_progress_line_counts_and_eta(server):
+    server.add_fault(Fault.bad_request("no", match="p 3"))
+    cfg = ClientConfig(Endpoint("ep-p", base_url=server.base_url, api_key_env=KEY_ENV), max_concurrency=4,
+                       progress_seconds=3600)
+    _runtime.set_expected_total(20)
+    _runtime.note_skipped(2)  # e.g. two bad input lines: never sent
+    rt = _runtime.acquire(cfg)
+    try:
+        for fut in [rt.submit(_req(i)) for i in range(9)]:
+            fut.result(10)
+        line = _line(rt)
+    finally:
+        _runtime.release(rt)
+        _runtime.set_expected_total(None)
+    assert "done=9 ok=8 failed=1 in_flight=0 queued=0 attempts=9 " in line
+    assert " of~18 (50.0%) eta=" in line  # 20 lines - 2 skipped = 18 to send; 9 done
+    assert "paused" not in line
+
+
+def test_progress_seconds_is_validated():
+    ep = Endpoint("ep")
+    assert ClientConfig(ep, progress_seconds=0).progress_seconds == 0
+    with pytest.raises(ValueError, match=r"progress_seconds must be in 1..86400 s \(or 0: off\), got 0.5"):
+        ClientConfig(ep, progress_seconds=0.5)
+
+
+def test_cli_logs_progress_and_counts_the_inputs(server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="arkbatch_beam")
+    inp = write_jsonl(tmp_path / "in.jsonl", 25, extra=["{broken"])
+    args = batch_chat.build_parser().parse_args(["--input", inp, "--output", str(tmp_path / "o")])
+    files = batch_chat.check_input(args)
+    assert batch_chat.count_inputs(args, files) == 26
+    (tmp_path / "nonl.txt").write_text("a\nb\nc")  # no newline at the end
+    args.input = str(tmp_path / "nonl.txt")
+    assert batch_chat.count_inputs(args, batch_chat.check_input(args)) == 3
+    rc = batch_chat.main(["--input", inp, "--output", str(tmp_path / "out"), "--model", "ep-cli", "--base_url",
+                          server.base_url, "--api_key_env", KEY_ENV, "--max_concurrency", "4", "--timeout", "60"])
+    assert rc == 0
+    final = [r.getMessage() for r in caplog.records if "arkbatch progress" in r.getMessage()]
+    assert final and final[-1].endswith("(final)"), final
+    assert "done=25 ok=25 failed=0" in final[-1]
