@@ -53,10 +53,17 @@ class EndpointUnusable(RuntimeError):
 
 
 class ParseDoFn(beam.DoFn):
-    """Input line or dict -> :class:`ChatRequest` (main) or a failure row (``failed``)."""
+    """Input line or dict -> :class:`ChatRequest` (main) or a failure row (``failed``).
 
-    def __init__(self, options: InputOptions) -> None:
+    With ``tagged=False`` failure rows go to the main output too (as dicts), so one
+    PCollection carries both on to :class:`InferDoFn`, which passes rows through: no
+    ``Flatten`` is needed downstream, and runners that materialise a ``Flatten`` (Beam's
+    in-process FnApiRunner does) keep inference and writing fused.
+    """
+
+    def __init__(self, options: InputOptions, *, tagged: bool = True) -> None:
         self._options = options
+        self._tagged = tagged
 
     def setup(self) -> None:
         self._bad = Metrics.counter(NAMESPACE, "bad_input")
@@ -73,7 +80,8 @@ class ParseDoFn(beam.DoFn):
         else:
             self._bad.inc()
             _runtime.note_skipped(1)
-            yield beam.pvalue.TaggedOutput(FAILED_TAG, parsed.to_row())
+            row = parsed.to_row()
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, row) if self._tagged else row
 
 
 class InferDoFn(beam.DoFn):
@@ -84,6 +92,9 @@ class InferDoFn(beam.DoFn):
         max_pending: most requests outstanding per bundle (default 2 x max_concurrency).
         handoff: how many requests to hand to the loop thread at once.
         include_request: also keep ``request_json`` on ok rows (failures always keep it).
+        split: failure rows go to the ``failed`` output (else every row to the main one).
+
+    Elements that are already rows (dicts: failures found before inference) pass through.
     """
 
     def __init__(
@@ -93,8 +104,10 @@ class InferDoFn(beam.DoFn):
         max_pending: int | None = None,
         handoff: int = 64,
         include_request: bool = False,
+        split: bool = True,
     ) -> None:
         self._config = config
+        self._split = split
         self._max_pending = max_pending or max(2 * config.max_concurrency, 2)
         self._handoff = max(1, min(handoff, self._max_pending))
         self._include_request = include_request
@@ -122,10 +135,13 @@ class InferDoFn(beam.DoFn):
 
     def process(
         self,
-        request: ChatRequest,
+        request: ChatRequest | dict[str, Any],
         window: Any = beam.DoFn.WindowParam,
         timestamp: Any = beam.DoFn.TimestampParam,
     ):
+        if isinstance(request, dict):  # a failure row from parsing or dedupe: pass it on
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, request) if self._split else request
+            return
         self._outbox.append((request, (window, timestamp, request)))
         self._outstanding += 1
         if len(self._outbox) >= self._handoff:
@@ -194,4 +210,4 @@ class InferDoFn(beam.DoFn):
         if result.attempts > 1:
             self._retries.inc(result.attempts - 1)
         wv = WindowedValue(_to_row(result), timestamp, (window,))
-        return wv if result.ok else beam.pvalue.TaggedOutput(FAILED_TAG, wv)
+        return wv if result.ok or not self._split else beam.pvalue.TaggedOutput(FAILED_TAG, wv)

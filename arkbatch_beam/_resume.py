@@ -99,6 +99,12 @@ def _sort_key(item: tuple[int, Any]) -> tuple[int, str]:
 
 
 class _Resolve(beam.DoFn):
+    def __init__(self, tagged: bool = True) -> None:
+        self._tagged = tagged
+
+    def _failed(self, row: dict[str, Any]) -> Any:
+        return beam.pvalue.TaggedOutput(FAILED_TAG, row) if self._tagged else row
+
     def setup(self) -> None:
         self._skipped = Metrics.counter("arkbatch", "skipped_done")
         self._dups = Metrics.counter("arkbatch", "duplicates")
@@ -115,14 +121,13 @@ class _Resolve(beam.DoFn):
         if isinstance(first, ChatRequest):
             yield first
         else:
-            yield beam.pvalue.TaggedOutput(FAILED_TAG, first)
+            yield self._failed(first)
         if len(items) > 1:
             _runtime.note_skipped(len(items) - 1)
         for _, value in items[1:]:
             self._dups.inc()
             raw = value.raw if isinstance(value, ChatRequest) else value.get("request_json")
-            yield beam.pvalue.TaggedOutput(
-                FAILED_TAG,
+            yield self._failed(
                 ChatResult.failure(
                     cid,
                     DUPLICATE,
@@ -137,11 +142,13 @@ class DedupeAndSkip(beam.PTransform):
 
     Args:
         done_ids: a PCollection of ids that already have a final row, or ``None``.
+        tagged: ``False`` returns one PCollection: requests and failure rows (dicts) together.
     """
 
-    def __init__(self, done_ids: beam.PCollection | None) -> None:
+    def __init__(self, done_ids: beam.PCollection | None, *, tagged: bool = True) -> None:
         super().__init__()
         self._done = done_ids
+        self._tagged = tagged
 
     def expand(self, items: beam.PCollection) -> Any:
         def key(x: Any) -> tuple[str, tuple[int, Any]]:
@@ -155,5 +162,9 @@ class DedupeAndSkip(beam.PTransform):
         return (
             keyed
             | "GroupById" >> beam.GroupByKey()
-            | "Resolve" >> beam.ParDo(_Resolve()).with_outputs(FAILED_TAG, main="send")
+            | "Resolve" >> (
+                beam.ParDo(_Resolve(self._tagged)).with_outputs(FAILED_TAG, main="send")
+                if self._tagged
+                else beam.ParDo(_Resolve(False))
+            )
         )

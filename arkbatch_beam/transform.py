@@ -121,29 +121,29 @@ class BatchChatInference(beam.PTransform):
         return f"BatchChatInference({self.config.endpoint.url!r})"
 
     def expand(self, lines: beam.PCollection) -> Any:
-        parsed = lines | "Parse" >> beam.ParDo(ParseDoFn(self.input_options)).with_outputs(
-            FAILED_TAG, main="requests"
-        )
-        requests = parsed.requests
-        bad_input = parsed[FAILED_TAG]
+        # One PCollection all the way (requests and failure rows together; InferDoFn passes
+        # rows through) and no Flatten: runners that materialise a Flatten (Beam's in-process
+        # FnApiRunner) would otherwise hold every result until the end instead of letting a
+        # writer fused after this transform make them durable as they come.
+        items = lines | "Parse" >> beam.ParDo(ParseDoFn(self.input_options, tagged=False))
         if self._dedupe:
             done = None
             if self._resume_from is not None:
                 done = lines.pipeline | "DoneIds" >> ReadDoneIds(
                     self._resume_from, retry_failed=self._retry_failed
                 )
-            resolved = (requests, bad_input) | "Items" >> beam.Flatten() | "Dedupe" >> DedupeAndSkip(done)
-            requests, bad_input = resolved.send, resolved[FAILED_TAG]
+            items = items | "Dedupe" >> DedupeAndSkip(done, tagged=False)
         else:
-            requests = requests | "Reshuffle" >> beam.Reshuffle()
-        inferred = requests | "Infer" >> beam.ParDo(
+            items = items | "Reshuffle" >> beam.Reshuffle()
+        infer = beam.ParDo(
             InferDoFn(
                 self.config,
                 max_pending=self._max_pending,
                 include_request=self._include_request,
+                split=self._split,
             )
-        ).with_outputs(FAILED_TAG, main="ok")
-        failures = (bad_input, inferred[FAILED_TAG]) | "Failures" >> beam.Flatten()
+        )
         if self._split:
-            return inferred.ok, failures
-        return (inferred.ok, failures) | "AllRows" >> beam.Flatten()
+            inferred = items | "Infer" >> infer.with_outputs(FAILED_TAG, main="ok")
+            return inferred.ok, inferred[FAILED_TAG]
+        return items | "Infer" >> infer

@@ -120,3 +120,29 @@ def test_same_config_shares_one_runtime(server):
         _runtime.release(a)
         _runtime.release(b)
     assert _runtime.active_runtimes() == 0
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_library_pipeline_writes_parts_while_inference_runs(server, tmp_path, dedupe):
+    """ReadFromText | BatchChatInference | WriteResults: rows reach Parquet parts while later
+    requests are still being sent (nothing in between holds them all until the end)."""
+    from arkbatch_beam._sink import part_files
+
+    out = str(tmp_path / "out")
+    parts_seen: dict[int, int] = {}
+
+    def look(total):  # in the server thread, as request `total` arrives
+        if total in (150, 250):
+            parts_seen[total] = len(part_files(f"{out}/results")) + len(part_files(f"{out}/failures"))
+
+    server.on_request(look)
+    with beam.Pipeline() as p:
+        _ = (p | beam.Create([*lines(300), "{bad"])
+             | BatchChatInference(endpoint(server), max_concurrency=4, max_pending=8, dedupe=dedupe)
+             | WriteResults(out, max_rows=10))
+    # Request 150 can only be sent once 142 answers came back (at most 8 pending), and each
+    # answer is written before the DoFn asks for more: at least 14 parts of 10 are on disk.
+    assert parts_seen[150] >= 14 and parts_seen[250] >= 24, parts_seen
+    rows = ds.dataset(out, format="parquet").to_table().to_pylist()
+    assert sorted(r["custom_id"] for r in rows if r["status"] == "ok") == sorted(f"c{i}" for i in range(300))
+    assert [r["error_type"] for r in rows if r["status"] == "failed"] == ["invalid_json"]
