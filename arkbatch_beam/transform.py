@@ -47,8 +47,10 @@ class BatchChatInference(beam.PTransform):
         backoff: retry backoff for answers without ``Retry-After``.
         input_options: how lines become requests (:class:`InputOptions`).
         dedupe: key requests by ``custom_id`` so a repeated id is sent once (the others
-            become ``duplicate_custom_id`` failure rows); this also spreads the work across
-            workers. Off: a plain reshuffle, no id checks.
+            become ``duplicate_custom_id`` failure rows); this shuffle also spreads the work
+            across workers. Off: no shuffle at all, so read -> infer -> write stream through
+            with flat memory even on the DirectRunner (whose shuffle holds the whole input in
+            memory); a repeated id is then sent again (compaction still keeps one row per id).
         resume_from: an output folder of an earlier run of the same job: ids that already
             have a final row there are not sent again (see ``--resume``).
         retry_failed: with ``resume_from``, re-send earlier failures too.
@@ -133,8 +135,6 @@ class BatchChatInference(beam.PTransform):
                     self._resume_from, retry_failed=self._retry_failed
                 )
             items = items | "Dedupe" >> DedupeAndSkip(done, tagged=False)
-        else:
-            items = items | "Reshuffle" >> beam.Reshuffle()
         infer = beam.ParDo(
             InferDoFn(
                 self.config,

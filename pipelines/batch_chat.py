@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="skip ids that already have a final row under --output")
     p.add_argument("--retry_failed", action="store_true", help="with --resume, re-send failures too")
+    p.add_argument("--no_dedupe", action="store_true",
+                   help="no shuffle by custom_id: flat memory on the DirectRunner for very large inputs; "
+                   "a repeated id is sent again (compaction keeps one row); not with --resume")
     p.add_argument("--no_compact", action="store_true", help="leave the parts; do not merge at the end")
     p.add_argument("--no_preflight", action="store_true", help="skip the endpoint reachability check")
     p.add_argument("--progress_seconds", type=float, default=30.0,
@@ -268,6 +271,7 @@ def build_pipeline(
             config,
             input_options=inputs,
             include_request=args.include_request,
+            dedupe=not args.no_dedupe,
             resume_from=output if args.resume else None,
             retry_failed=args.retry_failed,
         ).with_exception_handling()
@@ -308,6 +312,8 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
     output = args.output.rstrip("/")
     if args.retry_failed and not args.resume:
         raise UsageError("--retry_failed needs --resume")
+    if args.no_dedupe and args.resume:
+        raise UsageError("--resume needs the dedupe shuffle: drop --no_dedupe")
     if not args.resume and _has_parts(output):
         raise UsageError(
             f"--output {output} already holds results: add --resume to continue that job "

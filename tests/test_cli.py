@@ -152,3 +152,15 @@ def test_parquet_input_bad_column_and_missing_input_fail_fast(server, tmp_path, 
     assert batch_chat.main(argv(server, str(tmp_path / "nothing-*.jsonl"), str(tmp_path / "o"))) == 2
     assert "matches no file" in capsys.readouterr().err
     assert server.total_requests == 0
+
+
+def test_no_dedupe_streams_and_still_leaves_one_row_per_id(server, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", 20, extra=[json.dumps(
+        {"custom_id": "id-3", "body": {"messages": [{"role": "user", "content": "p 3"}]}})])
+    out = str(tmp_path / "out")
+    assert batch_chat.main(argv(server, inp, out, "--no_dedupe")) == 0
+    assert server.attempts_by_key["p 3"] == 2  # no shuffle by id: the repeated id was sent again
+    ok = read(out, "results")
+    assert sorted(r["custom_id"] for r in ok) == sorted(f"id-{i}" for i in range(20))  # compaction: one each
+    assert batch_chat.main(argv(server, inp, out, "--no_dedupe", "--resume")) == 2
+    assert "--resume needs the dedupe shuffle" in capsys.readouterr().err
