@@ -29,11 +29,16 @@ setup(
             "hypothesis>=6.100,<7",
             "ruff>=0.6,<1",
             "psutil>=5.9,<8",
+            "gcp-storage-emulator>=2024.8.3,<2028",
         ],
+        # Peers for `python -m benchmarks.run` (not needed by the tests).
         "bench": [
             "psutil>=5.9,<8",
-            "openai>=1.40,<3",
+            "openai>=1.40,<4",
             "volcengine-python-sdk[ark]>=4.0,<6",
+            "ray[data]>=2.44,<3",
+            "pydantic>=2,<3",
+            "pyinstrument>=4.6,<6",
         ],
     },
 )
