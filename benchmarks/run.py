@@ -312,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-wait", type=float, default=600.0,
                    help="wait at most S s for a quiet machine before each run (0: never wait, never re-run)")
     p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument("--markdown", default=None, help="write the results tables (Markdown) to this file")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed)")
     a = p.parse_args(argv)
 
@@ -438,7 +439,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"\nwrote {a.json}")
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(markdown(report))
+        print(f"wrote {a.markdown}")
     return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The figures as Markdown tables: one per setting, then the memory curve and the goals."""
+    m = report["machine"]
+    out = [f"Measured {report['date']} with `{report['command']}` on {m['cores']} cores, Python {m['python']}, "
+           f"apache-beam {m['apache-beam']}, aiohttp {m['aiohttp']}, {m['platform']}.", ""]
+    head = ("| contender | n | req/s | CPU µs/req | peak RSS MiB | p50 ms | p99 ms | notes |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---|")
+
+    def row(r: dict[str, Any]) -> str:
+        if "error" in r:
+            return f"| {r['contender']} | | | | | | | error: {r['error'][:160]} |"
+        notes = []
+        if "ratio_cl" in r:
+            notes.append(f"{r['ratio_cl']:.3f} x C/L")
+        if "startup_s" in r:
+            notes.append(f"start-up {r['startup_s']} s (not counted)")
+        if r.get("lost_rows"):
+            notes.append(f"{r['lost_rows']} rows lost")
+        if r.get("others_cores_during", 0) > 0.3:
+            notes.append(f"disturbed: others used {r['others_cores_during']} cores")
+        return (f"| {r['contender']} | {r['completed']} | {r['req_per_s']:.0f} | {r['cpu_us_per_req'] or 0:.0f} | "
+                f"{r['peak_rss_mb']:.0f} | {r.get('p50_ms') or 0:.1f} | {r.get('p99_ms') or 0:.1f} | "
+                f"{'; '.join(notes)} |")
+
+    seen: list[tuple[float, int]] = []
+    for r in report["runs"]:
+        key = (r["latency_s"], r["concurrency"])
+        if key not in seen:
+            seen.append(key)
+    for lat, c in seen:
+        title = "latency 0 (CPU-bound)" if lat == 0 else f"latency {lat:g} s (server-bound, C/L = {c / lat:.0f} req/s)"
+        out += [f"### {title}, C = {c}", "", head]
+        out += [row(r) for r in report["runs"] if (r["latency_s"], r["concurrency"]) == (lat, c)]
+        out.append("")
+    if report["memory"]:
+        out += ["### Memory curve (latency 0)", "", "| contender | N | peak RSS MiB | req/s |", "|---|---:|---:|---:|"]
+        for r in report["memory"]:
+            if "peak_rss_mb" in r:
+                rss, rate = r["peak_rss_mb"], r["req_per_s"]
+                out.append(f"| {r['contender']} | {r['n_requested']:,} | {rss:.0f} | {rate:.0f} |")
+            else:
+                out.append(f"| {r['contender']} | {r['n_requested']:,} | {r.get('skipped') or r.get('error')} | |")
+        out.append("")
+    if report["skipped"]:
+        out += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()), ""]
+    out += ["### Goals", "", "| goal | status | figure |", "|---|---|---|"]
+    out += [f"| {g['goal']} | {g['status']} | {g['detail']} |" for g in report["goals"]]
+    return "\n".join(out) + "\n"
 
 
 def _get(runs: list[dict[str, Any]], name: str, lat: float, c: int | None = None) -> dict[str, Any] | None:
