@@ -34,6 +34,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -67,8 +68,12 @@ class MissingApiKey(RuntimeError):
     """The environment variable that should hold the API key is unset or empty."""
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
 def _int_or_none(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    """An int that fits the int64 columns (a hostile 2**64 must not crash the writer)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v in _INT64 else None
 
 
 def _str_or_none(v: Any) -> str | None:
@@ -141,6 +146,9 @@ class ArkClient:
         self.failed = 0
         self._endpoint_errors = 0
         self._other_answers = 0
+        self._redact_key: str | None = None  # a server may echo the key back: never keep it
+        self.backing_off = 0  # requests sleeping before a retry right now
+        self.on_backoff: Callable[[], None] | None = None
         self.fatal: str | None = None
 
     def __repr__(self) -> str:
@@ -163,11 +171,12 @@ class ArkClient:
                     "without authentication"
                 )
             headers["Authorization"] = f"Bearer {key}"
+            self._redact_key = key
         connector = aiohttp.TCPConnector(
             limit=self.config.max_concurrency,
             limit_per_host=0,
             ttl_dns_cache=300,
-            enable_cleanup_closed=False,
+            enable_cleanup_closed=True,  # CPython < 3.12.8 leaks aborted SSL transports
         )
         timeout = aiohttp.ClientTimeout(
             total=None,
@@ -311,8 +320,8 @@ class ArkClient:
                         retry_after=retry_after,
                         text=data[:500].decode("utf-8", "replace"),
                     )
-                    if isinstance(err, RateLimited):
-                        outcome = REFUSED
+                    if isinstance(err, RateLimited) or (err.retryable and retry_after is not None):
+                        outcome = REFUSED  # the server named a time: it is pushing back
                     raise err
             except DeadlineExceeded as exc:
                 gate.release(ticket, NEUTRAL)
@@ -352,7 +361,15 @@ class ArkClient:
                 if decision.reason == "deadline_exceeded":
                     return self._give_up(result, attempts, last, first_send, now)
                 return self._fail(result, attempts, last, first_send, now, rid)
-            await asyncio.sleep(decision.delay)
+            # Waiting out a backoff or Retry-After holds no slot on the wire; tell the owner
+            # (the runtime), so it can let another request use the worker time meanwhile.
+            self.backing_off += 1
+            if self.on_backoff is not None:
+                self.on_backoff()
+            try:
+                await asyncio.sleep(decision.delay)
+            finally:
+                self.backing_off -= 1
 
     async def _post(self, payload: bytes, rid: str) -> tuple[int, Any, bytes]:
         assert self._session is not None
@@ -375,19 +392,24 @@ class ArkClient:
             if self._endpoint_errors >= FATAL_AFTER and self.fatal is None:
                 self.fatal = (
                     f"the endpoint {self.config.endpoint.url} answered HTTP {err.http_status} "
-                    f"({err.error_code or 'no code'}: {err.message}) to the first "
+                    f"({self._redact(err.error_code) or 'no code'}: {self._redact(err.message)}) to the first "
                     f"{self._endpoint_errors} requests and never succeeded: check the model/"
                     f"endpoint id, base_url, path and the key in ${self.config.endpoint.api_key_env}"
                 )
                 log.error("%s", self.fatal)
 
-    @staticmethod
-    def _fill_error(result: ChatResult, err: ArkError | None) -> None:
+    def _redact(self, text: str | None) -> str | None:
+        key = self._redact_key
+        if text and key and key in text:
+            return text.replace(key, "[redacted]")
+        return text
+
+    def _fill_error(self, result: ChatResult, err: ArkError | None) -> None:
         if err is None:
             return
         result.http_status = err.http_status
-        result.error_code = err.error_code
-        result.error_message = err.message
+        result.error_code = self._redact(err.error_code)
+        result.error_message = self._redact(err.message)
 
     def _fail(
         self,

@@ -165,8 +165,8 @@ def map_transport_error(exc: BaseException) -> ArkError:
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             return TransportError("connect timed out")
         return AttemptTimeout("attempt timed out")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return InvalidResponse(f"response body cut short ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientPayloadError):  # the connection broke mid-body
+        return TransportError(f"response body cut short ({type(exc).__name__})")
     if isinstance(exc, aiohttp.ContentTypeError):
         return InvalidResponse("response is not JSON")
     if isinstance(exc, aiohttp.ClientConnectorError):

@@ -179,7 +179,7 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
         text_line = None
     else:
         raw = item.decode("utf-8", "replace") if isinstance(item, bytes) else item
-        text_line = raw.strip()
+        text_line = raw.strip().lstrip("\ufeff")  # a byte-order mark on a file's first line
         obj = None
     try:
         if text_line is not None:

@@ -5,9 +5,9 @@ keyed by ``custom_id``; with ``resume_from`` the ids that already have a *final*
 output folder are keyed in too. Per id:
 
 * a final row exists -> nothing is sent (counted as ``skipped_done``);
-* otherwise the first item (deterministically: the smallest input line, so the same on every
-  run) is sent, or its bad-input row emitted; any other item with the same id becomes a
-  ``duplicate_custom_id`` failure row and is never sent.
+* otherwise the first item (deterministically: a valid request before a bad line, then the
+  smallest input line, so the same on every run) is sent, or its bad-input row emitted; any
+  other item with the same id becomes a ``duplicate_custom_id`` failure row, never sent.
 
 "Final" means an ``ok`` row, or a failure that is not retryable (a retryable failure, such as
 ``deadline_exceeded``, is sent again; ``retry_failed=True`` re-sends every failure). The ids are
@@ -62,7 +62,9 @@ class _DoneIdsFromFile(beam.DoFn):
             for cid, retryable, etype in zip(
                 cols["custom_id"], cols["retryable"], cols["error_type"], strict=True
             ):
-                if not retryable and etype != DUPLICATE:
+                # endpoint_error (401/403/404: a key or endpoint that was wrong then) is
+                # fixed on the user's side, so it is never final: --resume sends it again.
+                if not retryable and etype not in (DUPLICATE, "endpoint_error"):
                     yield cid
 
 
@@ -89,13 +91,15 @@ class ReadDoneIds(beam.PTransform):
         )
 
 
-def _sort_key(item: tuple[int, Any]) -> tuple[int, str]:
+def _sort_key(item: tuple[int, Any]) -> tuple[int, int, str]:
+    # "done" first; then valid requests before bad-input rows (a broken copy of a line whose
+    # id was salvaged must never win over a valid one); then the smallest line.
     kind, value = item
     if kind == _DONE:
-        return (0, "")
+        return (0, 0, "")
     if isinstance(value, ChatRequest):
-        return (1, value.raw or "")
-    return (1, value.get("request_json") or "")
+        return (1, 0, value.raw or "")
+    return (1, 1, value.get("request_json") or "")
 
 
 class _Resolve(beam.DoFn):

@@ -31,13 +31,14 @@ MAX_RETRY_AFTER = 72 * 3600.0
 
 
 def _parse_seconds(value: str) -> float | None:
+    """A non-negative finite number (uncapped: the caller caps it after any unit change)."""
     try:
         secs = float(value.strip())
     except ValueError:
         return None
     if math.isnan(secs) or math.isinf(secs) or secs < 0:
         return None
-    return min(secs, MAX_RETRY_AFTER)
+    return secs
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -79,7 +80,7 @@ def parse_retry_after(headers: Mapping[str, str], wall_now: float) -> float | No
         return None
     secs = _parse_seconds(value)
     if secs is not None:
-        return secs
+        return min(secs, MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value.strip())
     except (TypeError, ValueError, IndexError):

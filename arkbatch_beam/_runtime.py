@@ -67,6 +67,10 @@ class SharedRuntime:
         self._queue: collections.deque[tuple[ChatRequest, Any, Any, bool]] = collections.deque()
         self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
         self._workers = 0
+        # A request sleeping before a retry keeps its worker: let the pool grow by one per
+        # sleeper, so a 429 with a long Retry-After never idles the cap (the gate still
+        # bounds what is on the wire, and back-pressure bounds the requests handed over).
+        self.client.on_backoff = self._top_up
         # Results for batch sinks, handed over once per loop iteration (one thread hop per batch).
         self._ready: dict[Any, tuple[BatchSink, list[tuple[Any, ChatResult]]]] = {}
         self._flush_handle: asyncio.Handle | None = None
@@ -123,10 +127,17 @@ class SharedRuntime:
             if not fut.done():
                 fut.set_result(None)
                 waiting -= 1
-        spawn = min(waiting, self.config.max_concurrency - self._workers)
-        for _ in range(spawn):
+        self._spawn(waiting)
+
+    def _spawn(self, waiting: int) -> None:
+        limit = self.config.max_concurrency + self.client.backing_off
+        for _ in range(min(waiting, limit - self._workers)):
             self._workers += 1
             self._loop.create_task(self._worker())
+
+    def _top_up(self) -> None:
+        if self._queue and not self._idle:
+            self._spawn(len(self._queue))
 
     async def _worker(self) -> None:
         queue, complete, loop = self._queue, self.client.complete, self._loop

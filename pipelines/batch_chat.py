@@ -120,6 +120,9 @@ def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
         formats = (*INPUT_FORMATS, "parquet")
         if args.input_format not in formats:
             raise ValueError(f"input_format must be one of {', '.join(formats)}, got {args.input_format!r}")
+        if not args.model and (args.input_format == "text" or is_parquet(args)):
+            raise ValueError(f"model is needed with {'Parquet' if is_parquet(args) else 'plain-text'} input "
+                             "(its prompts carry no model): pass --model ID")
         endpoint = Endpoint(
             args.model, base_url=args.base_url, path=args.path, api_key_env=args.api_key_env
         )
@@ -164,10 +167,8 @@ def preflight(config: ClientConfig) -> None:
     workers instead, when the first answers to real requests are all 401/403/404.
     """
     ep = config.endpoint
+    # No key on the probe: urllib would repeat it to wherever a redirect points.
     req = urllib.request.Request(ep.url, method="GET")
-    key = os.environ.get(ep.api_key_env, "") if ep.api_key_env else ""
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(req, timeout=config.connect_timeout):
             return
@@ -175,9 +176,6 @@ def preflight(config: ClientConfig) -> None:
         if exc.code == 404:
             log.warning("endpoint %s answered 404 to a GET probe: check --base_url and --path "
                         "if the requests fail too", ep.url)
-        elif exc.code in (401, 403):
-            log.warning("endpoint %s answered HTTP %d to a GET probe: check the key in $%s "
-                        "if the requests fail too", ep.url, exc.code, ep.api_key_env)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UsageError(f"endpoint {ep.url} is unreachable: {reason}") from None
@@ -264,7 +262,9 @@ def build_pipeline(
             | "Rows" >> beam.Map(row_to_item, args.prompt_column, args.id_column, args.system)
         )
     else:
-        lines = p | "Read" >> beam.io.ReadFromText(args.input)
+        # Bytes, not str: a line that is not valid UTF-8 becomes a failure row (decoded with
+        # replacement characters), instead of failing the whole pipeline in the reader.
+        lines = p | "Read" >> beam.io.ReadFromText(args.input, coder=beam.coders.BytesCoder())
     ok, failures = (
         lines
         | "Infer" >> BatchChatInference(

@@ -164,3 +164,22 @@ def test_no_dedupe_streams_and_still_leaves_one_row_per_id(server, tmp_path, cap
     assert sorted(r["custom_id"] for r in ok) == sorted(f"id-{i}" for i in range(20))  # compaction: one each
     assert batch_chat.main(argv(server, inp, out, "--no_dedupe", "--resume")) == 2
     assert "--resume needs the dedupe shuffle" in capsys.readouterr().err
+
+
+def test_bad_bytes_and_a_bom_never_fail_the_job(server, tmp_path):
+    good = json.dumps({"custom_id": "bom-1", "body": {"messages": [{"role": "user", "content": "p 1"}]}})
+    latin1 = '{"custom_id": "lat-2", "body": {"messages": [{"role": "user", "content": "caf\xe9"}]}}'
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n" + latin1.encode("latin-1") + b"\n")
+    out = str(tmp_path / "out")
+    assert batch_chat.main(argv(server, str(tmp_path / "in.jsonl"), out)) == 0
+    ok = {r["custom_id"]: r for r in read(out, "results")}
+    assert ok["bom-1"]["content"] == "echo: p 1"  # the byte-order mark did not hide the id
+    assert ok["lat-2"]["content"] == "echo: caf\ufffd"  # an invalid byte: replaced, still sent
+
+
+def test_text_input_without_model_fails_fast(server, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("hello\n")
+    args = argv(server, str(tmp_path / "p.txt"), str(tmp_path / "o"), "--input_format", "text")
+    args[args.index("--model"):args.index("--model") + 2] = []
+    assert batch_chat.main(args) == 2
+    assert "--model is needed with plain-text input" in capsys.readouterr().err

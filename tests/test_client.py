@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import email.utils
+import json
 import logging
 import math
 import socket
@@ -615,3 +616,22 @@ def test_retry_waiting_on_a_paused_gate_still_ends_at_its_deadline(server: FakeA
     assert a.error_type == "deadline_exceeded" and a.http_status == 500
     assert still_paused  # "a" gave up while the 5 s pause was still on
     assert elapsed < timeout + 0.5, elapsed
+
+
+def test_a_key_echoed_by_the_server_is_redacted(server: FakeArkServer) -> None:
+    server.add_fault(Fault.bad_request(f"invalid token Bearer {SECRET} for this model", match="echo"))
+    (res,) = complete_all(config(server.base_url), [req("echo")])[0]
+    assert res.error_type == "rejected" and res.http_status == 400
+    assert res.error_message == "invalid token Bearer [redacted] for this model"
+    for value in res.to_row().values():
+        assert SECRET not in str(value)
+
+
+def test_token_counts_outside_int64_are_dropped_not_fatal() -> None:
+    from arkbatch_beam._client import parse_completion
+
+    res = ChatResult("x", "ok")
+    body = {"id": "c", "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 2**64 - 1, "completion_tokens": 3, "total_tokens": -(2**70)}}
+    parse_completion(json.dumps(body).encode(), res)  # (orjson refuses ints this big)
+    assert (res.prompt_tokens, res.completion_tokens, res.total_tokens) == (None, 3, None)

@@ -5,7 +5,6 @@ import pytest
 from arkbatch_beam import (
     AttemptTimeout,
     EndpointError,
-    InvalidResponse,
     RateLimited,
     RequestRejected,
     RetryableStatus,
@@ -48,7 +47,7 @@ def test_non_json_error_body_keeps_text():
         (aiohttp.ClientOSError(104, "reset"), TransportError),
         (ConnectionResetError(), TransportError),
         (TimeoutError(), AttemptTimeout),
-        (aiohttp.ClientPayloadError("cut"), InvalidResponse),
+        (aiohttp.ClientPayloadError("cut"), TransportError),  # the connection broke mid-body
         (aiohttp.ConnectionTimeoutError(), TransportError),
     ],
 )

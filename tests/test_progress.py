@@ -66,3 +66,34 @@ def test_cli_logs_progress_and_counts_the_inputs(server, tmp_path, caplog):
     final = [r.getMessage() for r in caplog.records if "arkbatch progress" in r.getMessage()]
     assert final and final[-1].endswith("(final)"), final
     assert "done=25 ok=25 failed=0" in final[-1]
+
+
+def test_a_request_backing_off_does_not_hold_a_worker(server):
+    """max_concurrency=2 and the first two requests both sleep 2 s before a retry: the others
+    still go through meanwhile (the pool grows by one worker per sleeper; the cap on the wire
+    is the gate's)."""
+    import queue
+
+    from arkbatch_beam import Backoff
+
+    for i in range(2):  # each slow prompt fails once, with no Retry-After: a 2 s backoff
+        server.add_fault(Fault.server_error(500, match=f"slow {i}"))
+    cfg = ClientConfig(Endpoint("ep-p", base_url=server.base_url, api_key_env=KEY_ENV), max_concurrency=2,
+                       backoff=Backoff(initial=2.0, jitter=0.0), progress_seconds=0)
+    slow = [ChatRequest(f"s{i}", {"messages": [{"role": "user", "content": f"slow {i}"}]}) for i in range(2)]
+    fast = [_req(i) for i in range(10)]
+    got: queue.SimpleQueue = queue.SimpleQueue()
+    rt = _runtime.acquire(cfg)
+    try:
+        rt.submit_batch([(r, r.custom_id) for r in slow + fast], got.put)
+        done: dict[str, object] = {}
+        while not all(r.custom_id in done for r in fast):
+            done.update(got.get(timeout=30))
+        assert not any(r.custom_id in done for r in slow)  # still sleeping: they held no worker
+        while len(done) < 12:
+            done.update(got.get(timeout=30))
+    finally:
+        _runtime.release(rt)
+    assert all(done[r.custom_id].ok for r in slow + fast)
+    assert server.attempts_by_key["slow 0"] == server.attempts_by_key["slow 1"] == 2
+    assert server.peak_in_flight <= 2

@@ -68,29 +68,34 @@ def test_kill_9_then_resume_sends_only_the_missing(server, tmp_path):
 def test_duplicate_ids_are_sent_once(server, tmp_path):
     line = json.dumps({"custom_id": "same", "body": {"messages": [{"role": "user", "content": "A"}]}})
     other = json.dumps({"custom_id": "same", "body": {"messages": [{"role": "user", "content": "B"}]}})
-    inp = write_jsonl(tmp_path / "in.jsonl", 3, extra=[line, other, line])
+    broken = line[:30]  # a cut copy whose id is salvaged: it sorts first, but must not win
+    inp = write_jsonl(tmp_path / "in.jsonl", 3, extra=[line, other, line, broken])
     out = str(tmp_path / "out")
     assert batch_chat.main(argv(server, inp, out)) == 0
     ok, failed = rows(out, "results"), rows(out, "failures")
     assert [r["custom_id"] for r in ok].count("same") == 1
     dups = [r for r in failed if r["error_type"] == "duplicate_custom_id"]
-    assert len(dups) == 2 and all(r["custom_id"] == "same" for r in dups)
+    assert len(dups) == 3 and all(r["custom_id"] == "same" for r in dups)
+    assert broken in [r["request_json"] for r in dups]
     assert server.attempts_by_key["A"] + server.attempts_by_key["B"] == 1
 
 
 def test_resume_keeps_final_failures_and_resends_retryable_ones(server, tmp_path):
     server.add_fault(Fault.bad_request("nope", match="p 1"))
     server.add_fault(Fault.server_error(503, match="p 2", times=-1))
+    server.add_fault(Fault.unauthorized(match="p 3"))  # e.g. a key that expired mid-job
     inp = write_jsonl(tmp_path / "in.jsonl", 5)
     out = str(tmp_path / "out")
     assert batch_chat.main(argv(server, inp, out, "--timeout", "1", "--backoff_initial", "0.05",
                                 "--backoff_max", "0.1")) == 0
     failed = {r["custom_id"]: r for r in rows(out, "failures")}
     assert failed["id-1"]["retryable"] is False and failed["id-2"]["error_type"] == "deadline_exceeded"
+    assert failed["id-3"]["error_type"] == "endpoint_error"
     server.clear_faults()
     server.reset_counters()
     assert batch_chat.main(argv(server, inp, out, "--resume")) == 0
-    assert dict(server.attempts_by_key) == {"p 2": 1}  # only the retryable failure went again
+    # The retryable failure and the 401 (fixed on the user's side) went again; the 400 did not.
+    assert dict(server.attempts_by_key) == {"p 2": 1, "p 3": 1}
     assert sorted(r["custom_id"] for r in rows(out, "results")) == ["id-0", "id-2", "id-3", "id-4"]
     assert [r["custom_id"] for r in rows(out, "failures")] == ["id-1"]
     server.reset_counters()

@@ -28,6 +28,9 @@ NOJIT = Backoff(jitter=0.0)
         ({"Retry-After": " 7 "}, 7.0),
         ({"retry-after-ms": "1500"}, 1.5),
         ({"retry-after-ms": "200", "Retry-After": "9"}, 0.2),
+        ({"retry-after-ms": "300000"}, 300.0),  # the 72 h cap applies after ms -> s
+        ({"retry-after-ms": "1e12"}, 72 * 3600.0),
+        ({"Retry-After": "1e9"}, 72 * 3600.0),
         ({"Retry-After": "-1"}, None),
         ({"Retry-After": "soon"}, None),
         ({}, None),
