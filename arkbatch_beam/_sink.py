@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -66,7 +67,14 @@ def write_parquet_atomic(rows: list[dict[str, Any]], directory: str, schema: pa.
 
 
 class _PartWriterDoFn(beam.DoFn):
-    """Buffers rows and writes a part when ``max_rows`` or ``max_seconds`` is reached."""
+    """Buffers rows and writes a part when ``max_rows`` or ``max_seconds`` is reached.
+
+    The age limit holds even when no row arrives (a batch endpoint may hold requests for
+    hours): a small daemon thread per instance writes a buffer that got too old. Part paths
+    written by it are not emitted (downstream only waits for the writers to finish; the
+    compaction lists the folder), and its row counts reach the metrics on the next call from
+    the bundle thread, since Beam metrics can only be updated there.
+    """
 
     def __init__(self, output: str, max_rows: int, max_seconds: float) -> None:
         self._dirs = {
@@ -81,31 +89,67 @@ class _PartWriterDoFn(beam.DoFn):
             True: Metrics.counter("arkbatch", "rows_written_ok"),
             False: Metrics.counter("arkbatch", "rows_written_failed"),
         }
-
-    def start_bundle(self) -> None:
+        self._lock = threading.Lock()
         self._buf: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
         self._since = time.monotonic()
+        self._uncounted = {True: 0, False: 0}
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._age_flusher, name="arkbatch-part-timer", daemon=True)
+        self._timer.start()
+
+    def teardown(self) -> None:
+        self._stop.set()
+
+    def start_bundle(self) -> None:
+        with self._lock:
+            self._since = time.monotonic()
 
     def process(self, row: dict[str, Any]):
         ok = row.get("status") == STATUS_OK
-        buf = self._buf[ok]
-        if not buf and not self._buf[not ok]:
-            self._since = time.monotonic()
-        buf.append(row)
-        if len(buf) >= self._max_rows or time.monotonic() - self._since >= self._max_seconds:
-            yield from self._flush()
+        with self._lock:
+            buf = self._buf[ok]
+            if not buf and not self._buf[not ok]:
+                self._since = time.monotonic()
+            buf.append(row)
+            full = len(buf) >= self._max_rows or time.monotonic() - self._since >= self._max_seconds
+            paths = self._flush() if full else []
+        self._count()
+        yield from paths
 
     def finish_bundle(self):
-        for path in self._flush():
+        with self._lock:
+            paths = self._flush()
+        self._count()
+        for path in paths:
             yield WindowedValue(path, MIN_TIMESTAMP, (GlobalWindow(),))
 
-    def _flush(self):
+    def _flush(self) -> list[str]:
+        """Write both buffers (call with the lock held)."""
+        paths = []
         for ok, rows in self._buf.items():
             if rows:
-                yield write_parquet_atomic(rows, self._dirs[ok], OUTPUT_SCHEMA)
-                self._written[ok].inc(len(rows))
+                paths.append(write_parquet_atomic(rows, self._dirs[ok], OUTPUT_SCHEMA))
+                self._uncounted[ok] += len(rows)
                 self._buf[ok] = []
         self._since = time.monotonic()
+        return paths
+
+    def _count(self) -> None:
+        with self._lock:
+            counts, self._uncounted = self._uncounted, {True: 0, False: 0}
+        for ok, n in counts.items():
+            if n:
+                self._written[ok].inc(n)
+
+    def _age_flusher(self) -> None:
+        tick = min(1.0, self._max_seconds / 2)
+        while not self._stop.wait(tick):
+            with self._lock:
+                if (self._buf[True] or self._buf[False]) and time.monotonic() - self._since >= self._max_seconds:
+                    try:
+                        self._flush()
+                    except Exception:  # noqa: BLE001 - the bundle thread retries at its next flush
+                        log.warning("arkbatch: writing an aged part failed; will retry", exc_info=True)
 
 
 class WriteResults(beam.PTransform):

@@ -138,3 +138,34 @@ def test_resume_flag_checks(server, tmp_path, capsys, flags, text):
     inp = write_jsonl(tmp_path / "in.jsonl", 1)
     assert batch_chat.main(argv(server, inp, str(tmp_path / "o"), *flags)) == 2
     assert text in capsys.readouterr().err
+
+
+def test_an_old_buffer_is_written_while_no_row_arrives(server, tmp_path, monkeypatch):
+    """A batch endpoint may hold requests for hours: rows answered before that wait must not
+    sit in the writer's buffer until the next row (a kill then would lose them)."""
+    from arkbatch_beam import _sink
+
+    written = threading.Event()
+    real_write = _sink.write_parquet_atomic
+
+    def write(rows_, directory, schema):
+        path = real_write(rows_, directory, schema)
+        written.set()
+        return path
+
+    monkeypatch.setattr(_sink, "write_parquet_atomic", write)
+    server.add_fault(Fault.hold(600, match="p 9"))  # the last prompt is held until released
+    inp = write_jsonl(tmp_path / "in.jsonl", 10)
+    out = str(tmp_path / "out")
+    seen = {}
+
+    def release_after_a_write():
+        seen["written_while_held"] = written.wait(60)  # only the age limit can write these rows
+        seen["rows"] = len(rows(out, "results"))
+        server.release_holds()
+
+    server.on_request(lambda total: total == 10 and threading.Thread(target=release_after_a_write).start())
+    assert batch_chat.main(argv(server, inp, out, "--part_rows", "1000", "--part_seconds", "0.5",
+                                "--max_concurrency", "16")) == 0
+    assert seen["written_while_held"] and 1 <= seen["rows"] <= 9, seen
+    assert len(rows(out, "results")) == 10
