@@ -63,6 +63,9 @@ log = logging.getLogger("arkbatch_beam")
 # other answers never are.
 FATAL_AFTER = 10
 
+# A chat completion is kilobytes; a body beyond this is a broken or hostile server.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
 
 class MissingApiKey(RuntimeError):
     """The environment variable that should hold the API key is unset or empty."""
@@ -379,7 +382,17 @@ class ArkClient:
                 data=payload,
                 headers={"X-Client-Request-Id": rid},
             ) as resp:
-                data = await resp.read()
+                size = resp.content_length
+                if size is not None and size <= MAX_RESPONSE_BYTES:
+                    data = await resp.read()
+                else:  # unknown or too large: read at most the limit, never an endless body
+                    chunks, total = [], 0
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        total += len(chunk)
+                        if total > MAX_RESPONSE_BYTES:
+                            raise InvalidResponse(f"response body over {MAX_RESPONSE_BYTES} bytes")
+                        chunks.append(chunk)
+                    data = b"".join(chunks)
                 return resp.status, resp.headers, data
 
     def _note_answer(self, err: ArkError) -> None:

@@ -635,3 +635,12 @@ def test_token_counts_outside_int64_are_dropped_not_fatal() -> None:
             "usage": {"prompt_tokens": 2**64 - 1, "completion_tokens": 3, "total_tokens": -(2**70)}}
     parse_completion(json.dumps(body).encode(), res)  # (orjson refuses ints this big)
     assert (res.prompt_tokens, res.completion_tokens, res.total_tokens) == (None, 3, None)
+
+
+def test_an_oversized_body_is_an_invalid_response_not_a_memory_hog(server: FakeArkServer, monkeypatch) -> None:
+    from arkbatch_beam import _client
+
+    monkeypatch.setattr(_client, "MAX_RESPONSE_BYTES", 64)  # every fake answer is bigger
+    (res,) = complete_all(config(server.base_url, max_invalid_responses=2), [req("big")])[0]
+    assert res.status == "failed" and res.error_type == "invalid_response"
+    assert "over 64 bytes" in res.error_message and res.attempts == 2
