@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import queue
+import time
 from typing import Any
 
 import apache_beam as beam
@@ -34,6 +35,14 @@ from ._types import RESULT_FIELDS, ChatRequest, ChatResult
 
 FAILED_TAG = "failed"
 NAMESPACE = "arkbatch"
+# Wall-clock marks are reported as milliseconds since this instant (2020-01-01 UTC), which
+# keeps a Distribution's int64 sum far from overflowing however many bundles a job has.
+MARK_EPOCH = 1_577_836_800.0
+
+
+def wall_mark_ms() -> int:
+    """Now, as the int the ``first_send_ms`` / ``last_answer_ms`` distributions hold."""
+    return int((time.time() - MARK_EPOCH) * 1000)
 
 
 def _json(body: dict[str, Any]) -> str:
@@ -126,12 +135,17 @@ class InferDoFn(beam.DoFn):
         self._ptok = Metrics.counter(NAMESPACE, "prompt_tokens")
         self._ctok = Metrics.counter(NAMESPACE, "completion_tokens")
         self._latency = Metrics.distribution(NAMESPACE, "latency_ms")
+        # Once per bundle: min(first_send_ms) .. max(last_answer_ms) over the job is the time
+        # spent sending, so the summary can tell the steady rate from start-up and shut-down.
+        self._first_send = Metrics.distribution(NAMESPACE, "first_send_ms")
+        self._last_answer = Metrics.distribution(NAMESPACE, "last_answer_ms")
 
     def start_bundle(self) -> None:
         # The runtime hands results over in lists (all those completed in one loop iteration).
         self._done: queue.SimpleQueue[list[tuple[Any, ChatResult]]] = queue.SimpleQueue()
         self._outbox: list[tuple[ChatRequest, Any]] = []
         self._outstanding = 0
+        self._sent_any = False
 
     def process(
         self,
@@ -162,6 +176,8 @@ class InferDoFn(beam.DoFn):
         while self._outstanding > 0:
             for item in self._get():
                 yield self._emit(*item)
+        if self._sent_any:
+            self._last_answer.update(wall_mark_ms())
         if self._rt is not None:
             paused = self._rt.take_paused_seconds()
             if paused:
@@ -177,6 +193,9 @@ class InferDoFn(beam.DoFn):
         if self._outbox:
             assert self._rt is not None
             self._requests.inc(len(self._outbox))
+            if not self._sent_any:
+                self._sent_any = True
+                self._first_send.update(wall_mark_ms())
             self._rt.submit_batch(self._outbox, self._done.put)
             self._outbox = []
 

@@ -239,6 +239,19 @@ def _counter(result: Any, name: str) -> int:
     return int(sum(c.committed or 0 for c in res["counters"]))
 
 
+def _span_seconds(result: Any) -> float | None:
+    """Seconds from the job's first send to its last answer (None when nothing was sent)."""
+    try:
+        res = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["distributions"]
+    except Exception:  # noqa: BLE001 - some runners have no metrics
+        return None
+    firsts = [d.committed.min for d in res if d.key.metric.name == "first_send_ms" and d.committed]
+    lasts = [d.committed.max for d in res if d.key.metric.name == "last_answer_ms" and d.committed]
+    if not firsts or not lasts:
+        return None
+    return max(0.0, (max(lasts) - min(firsts)) / 1000.0)
+
+
 def build_pipeline(
     p: beam.Pipeline,
     args: argparse.Namespace,
@@ -330,11 +343,17 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
     wall = time.monotonic() - started
     ok = _counter(result, "rows_written_ok")
     failed = _counter(result, "rows_written_failed")
+    requests = _counter(result, "requests")
+    span = _span_seconds(result)
     summary = {
         "ok": ok,
         "failed": failed,
         "wall_seconds": round(wall, 3),
-        "requests_per_second": round(_counter(result, "requests") / wall, 1) if wall > 0 else 0.0,
+        "requests": requests,
+        "requests_per_second": round(requests / wall, 1) if wall > 0 else 0.0,
+        # First send to last answer: the steady rate, without start-up and compaction.
+        "sending_seconds": None if span is None else round(span, 3),
+        "sending_requests_per_second": round(requests / span, 1) if span else None,
         "retries": _counter(result, "retries"),
         "skipped_done": _counter(result, "skipped_done"),
         "duplicates": _counter(result, "duplicates"),
@@ -349,7 +368,9 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         log.warning("could not write summary.json", exc_info=True)
     print(
         f"summary: ok={ok} failed={failed} wall={wall:.1f}s "
-        f"req/s={summary['requests_per_second']} skipped={summary['skipped_done']} output={output}",
+        f"req/s={summary['requests_per_second']}"
+        + (f" (sending {span:.1f}s at {summary['sending_requests_per_second']} req/s)" if span else "")
+        + f" skipped={summary['skipped_done']} output={output}",
         flush=True,
     )
     return summary

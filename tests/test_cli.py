@@ -40,7 +40,12 @@ def test_cli_end_to_end(server, tmp_path, capsys):
     assert rejected["http_status"] == 400 and json.loads(rejected["request_json"])["custom_id"] == "id-4"
     summary_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary_line.startswith("summary: ok=30 failed=2 ")
-    assert json.load(open(os.path.join(out, "summary.json")))["ok"] == 30
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert (summary["ok"], summary["requests"]) == (30, 31)  # the broken line is never sent
+    # first send .. last answer, from the per-bundle marks: inside the wall time, never longer
+    assert 0 < summary["sending_seconds"] <= summary["wall_seconds"]
+    assert summary["sending_requests_per_second"] >= summary["requests_per_second"]
+    assert f"(sending {summary['sending_seconds']:.1f}s at " in summary_line
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
