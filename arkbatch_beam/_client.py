@@ -217,7 +217,9 @@ class ArkClient:
         """The pushback gate for ``model`` (created on first use)."""
         g = self._gates.get(model)
         if g is None:
-            g = self._gates[model] = PushbackGate(self.config.max_concurrency)
+            g = self._gates[model] = PushbackGate(
+                self.config.max_concurrency, max_rate=self.config.max_requests_per_second
+            )
         return g
 
     @property

@@ -163,6 +163,10 @@ class ClientConfig:
         progress_seconds: every this-many seconds each worker process logs one progress
             line (done, ok, failed, in flight, queued, rate, paused) at INFO on the
             ``arkbatch_beam`` logger; 0 turns it off (0 or 1..86400, default 30).
+        max_requests_per_second: optional bound on how many requests (attempts, retries
+            included) one worker process starts per second per model, 0.01..100000; a
+            fleet's share of a quota: e.g. 10,000 RPM over 20 processes -> 8.3. ``None``
+            (default): only ``max_concurrency`` and the server's pushback bound the rate.
 
     Example:
         >>> ClientConfig("ep-123").endpoint.model
@@ -177,6 +181,7 @@ class ClientConfig:
     backoff: Backoff = dataclasses.field(default_factory=Backoff)
     max_invalid_responses: int = 3
     progress_seconds: float = 30.0
+    max_requests_per_second: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoint, str):
@@ -197,6 +202,8 @@ class ClientConfig:
         _check_range("max_invalid_responses", self.max_invalid_responses, 1, 20)
         if self.progress_seconds != 0:
             _check_range("progress_seconds", self.progress_seconds, 1, 86400, " s (or 0: off)")
+        if self.max_requests_per_second is not None:
+            _check_range("max_requests_per_second", self.max_requests_per_second, 0.01, 100_000.0)
 
     def describe(self) -> dict[str, Any]:
         """A flat, key-free description (for display_data and logs)."""
@@ -208,6 +215,7 @@ class ClientConfig:
             "timeout_s": self.timeout,
             "attempt_timeout_s": self.attempt_timeout or 0.0,
             "connect_timeout_s": self.connect_timeout,
+            "max_requests_per_second": self.max_requests_per_second or 0.0,
             "backoff": f"{self.backoff.initial:g}s x{self.backoff.factor:g} "
             f"cap {self.backoff.max_delay:g}s jitter {self.backoff.jitter:g}",
         }

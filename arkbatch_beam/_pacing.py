@@ -14,6 +14,9 @@ semaphore and Ark's client-side "breaker":
   serving, so the refusal was a lone rate-limit. The gate then reopens at once with a
   halved window instead of waiting out the ``Retry-After`` (the refused request itself
   still waits out its own ``Retry-After``: that is the client's job, not the gate's).
+* **Optional rate bound.** With ``max_rate`` (requests per second), admissions also take a
+  token from a bucket refilled at that rate (holding at most one second's worth), so the
+  process never starts more than ``max_rate`` requests a second, however fast answers come.
 
 Timers use the event loop's clock (``loop.time()``/``loop.call_at``); nothing polls.
 
@@ -53,6 +56,7 @@ class PushbackGate:
         clock: override for ``loop.time`` (tests pass a fake clock).
         call_at: override for ``loop.call_at`` (tests pass a fake scheduler).
         restart_fraction: after a pause, sending resumes at this fraction of the cap.
+        max_rate: optional bound on admissions per second (a token bucket of one second).
     """
 
     def __init__(
@@ -63,9 +67,12 @@ class PushbackGate:
         clock: Callable[[], float] | None = None,
         call_at: Callable[..., Any] | None = None,
         restart_fraction: float = 1 / 8,
+        max_rate: float | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if max_rate is not None and not max_rate > 0:
+            raise ValueError(f"max_rate must be > 0, got {max_rate}")
         self._loop = loop
         self._clock = clock
         self._call_at = call_at
@@ -83,6 +90,13 @@ class PushbackGate:
         self._hold_seq = -1
         self._timer: Any = None
         self._pause_started: float | None = None
+        # Rate bound: a token bucket (capacity one second of tokens, at least 1), refilled
+        # lazily from the clock; _rate_timer wakes waiters when the next token is due.
+        self.max_rate = max_rate
+        self._burst = max(1.0, max_rate or 0.0)
+        self._tokens = self._burst
+        self._tokens_at: float | None = None
+        self._rate_timer: Any = None
         # Figures for metrics and tests.
         self.pauses = 0
         self.paused_seconds = 0.0
@@ -106,7 +120,16 @@ class PushbackGate:
 
     # -- admission -----------------------------------------------------------------------
     def _can_admit(self) -> bool:
-        return self.in_flight < self.limit and not self.paused
+        return self.in_flight < self.limit and not self.paused and self._has_token()
+
+    def _has_token(self) -> bool:
+        if self.max_rate is None:
+            return True
+        now = self.now()
+        if self._tokens_at is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self.max_rate)
+        self._tokens_at = now
+        return self._tokens >= 1.0
 
     def try_acquire(self) -> int | None:
         """Admit one request now if the gate allows it; returns its ticket or ``None``."""
@@ -115,6 +138,8 @@ class PushbackGate:
         return self._admit()
 
     def _admit(self) -> int:
+        if self.max_rate is not None:
+            self._tokens -= 1.0
         self.in_flight += 1
         self._seq += 1
         return self._seq
@@ -126,6 +151,7 @@ class PushbackGate:
             return ticket
         fut: asyncio.Future[int] = self._get_loop().create_future()
         self._waiters.append(fut)
+        self._arm_rate_timer()
         try:
             return await fut
         except asyncio.CancelledError:
@@ -144,6 +170,20 @@ class PushbackGate:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(self._admit())
+        self._arm_rate_timer()
+
+    def _arm_rate_timer(self) -> None:
+        """If waiters wait only for a token, wake them when the next one is due."""
+        if (self.max_rate is None or self._rate_timer is not None or not self._waiters
+                or self.in_flight >= self.limit or self.paused or self._has_token()):
+            return
+        due = self.now() + (1.0 - self._tokens) / self.max_rate
+        call_at = self._call_at or self._get_loop().call_at
+        self._rate_timer = call_at(due, self._on_rate_timer)
+
+    def _on_rate_timer(self) -> None:
+        self._rate_timer = None
+        self._wake()
 
     # -- feedback ------------------------------------------------------------------------
     def release(self, ticket: int, outcome: str, retry_after: float | None = None) -> None:
@@ -205,7 +245,9 @@ class PushbackGate:
         self._wake()
 
     def close(self) -> None:
-        """Cancel the timer and fail nobody: waiters are cancelled by their owners."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Cancel the timers and fail nobody: waiters are cancelled by their owners."""
+        for name in ("_timer", "_rate_timer"):
+            timer = getattr(self, name)
+            if timer is not None:
+                timer.cancel()
+                setattr(self, name, None)

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_preflight", action="store_true", help="skip the endpoint reachability check")
     p.add_argument("--progress_seconds", type=float, default=30.0,
                    help="each worker process logs a progress line this often, 1..86400 (0: off)")
+    p.add_argument("--max_requests_per_second", type=float, default=None,
+                   help="bound on requests started per second by each worker process (per model), "
+                   "0.01..100000; a fleet's share of a quota (default: no bound but the cap)")
     return p
 
 
@@ -134,6 +137,7 @@ def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
             connect_timeout=args.connect_timeout,
             backoff=Backoff(initial=args.backoff_initial, max_delay=args.backoff_max),
             progress_seconds=args.progress_seconds,
+            max_requests_per_second=args.max_requests_per_second,
         )
         inputs = InputOptions(
             # Parquet rows become chat-form dicts before parsing (see build_pipeline).

@@ -24,6 +24,8 @@ def test_ark_defaults_from_a_plain_endpoint_id():
         ({"timeout": 72 * 3600 + 1}, "timeout", "1..259200"),
         ({"attempt_timeout": 0}, "attempt_timeout", ".."),
         ({"connect_timeout": 0}, "connect_timeout", "0.1..300"),
+        ({"max_requests_per_second": 0}, "max_requests_per_second", "0.01..100000"),
+        ({"max_requests_per_second": float("nan")}, "max_requests_per_second", "0.01..100000"),
     ],
 )
 def test_out_of_range_values_name_field_and_range(kw, field, accepted):

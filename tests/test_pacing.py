@@ -186,3 +186,56 @@ def test_waiters_wake_when_pause_ends():
 def test_rejects_impossible_cap():
     with pytest.raises(ValueError, match="max_concurrency"):
         PushbackGate(0)
+
+
+def test_rate_bound_spreads_admissions_over_time_and_wakes_waiters_by_timer():
+    async def main():
+        clock = FakeClock()
+        gate = PushbackGate(100, clock=clock.time, call_at=clock.call_at, max_rate=4.0)
+        # A full bucket holds one second's worth: 4 admissions at once, not a 5th.
+        tickets = [gate.try_acquire() for _ in range(4)]
+        assert None not in tickets and gate.try_acquire() is None
+        for t in tickets:  # answers coming back do not refill it: only time does
+            gate.release(t, OK)
+        assert gate.try_acquire() is None
+        waiters = [asyncio.create_task(gate.acquire()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
+        admitted = []
+        for _ in range(6):
+            clock.advance(0.125)  # half a token per step
+            await asyncio.sleep(0)
+            admitted.append(sum(w.done() for w in waiters))
+        assert admitted == [0, 1, 1, 2, 2, 3]  # one every 0.25 s, FIFO, woken by the timer
+        assert gate.in_flight == 3
+
+    run(main())
+
+
+def test_rate_bound_and_pause_together_and_close_cancels_the_timer():
+    async def main():
+        clock = FakeClock()
+        gate = PushbackGate(100, clock=clock.time, call_at=clock.call_at, max_rate=1.0)
+        t = gate.try_acquire()
+        gate.release(t, REFUSED, retry_after=5.0)  # announced pause
+        waiter = asyncio.create_task(gate.acquire())
+        await asyncio.sleep(0)
+        clock.advance(4.0)  # tokens are back, the pause is not over
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        clock.advance(1.0)
+        await asyncio.sleep(0)
+        assert waiter.done()
+        second = asyncio.create_task(gate.acquire())  # the bucket (1 token) is empty again
+        await asyncio.sleep(0)
+        assert not second.done() and gate._rate_timer is not None
+        gate.close()
+        assert gate._rate_timer is None
+        second.cancel()
+
+    run(main())
+
+
+def test_rejects_impossible_rate():
+    with pytest.raises(ValueError, match="max_rate"):
+        PushbackGate(1, max_rate=0)
