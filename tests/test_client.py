@@ -657,3 +657,14 @@ def test_max_requests_per_second_bounds_the_send_rate(server: FakeArkServer) -> 
     assert starts[-1] - starts[0] >= 10 / 20.0 - 0.02
     for k in range(20, 30):  # never more than 20 + 20 x elapsed sent by any arrival
         assert starts[k] - starts[0] >= (k - 19) / 20.0 - 0.02
+
+
+def test_the_client_alone_imports_neither_beam_nor_pyarrow() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, arkbatch_beam as a; a.ArkClient, a.ClientConfig, a.PushbackGate; "
+            "print(sorted(m for m in ('apache_beam', 'pyarrow') if m in sys.modules)); "
+            "a.BatchChatInference; print('apache_beam' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "True"]
