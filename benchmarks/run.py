@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._contenders import write_jsonl
@@ -185,28 +185,47 @@ def _machine_busy_seconds() -> float:
     return (total - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _spawn(cmd: list[str], timeout: float) -> tuple[int, str, str, float, float]:
-    """Run ``cmd``; returns (exit code, stdout, stderr, wall seconds, CPU seconds of the child)."""
+STALL_SECONDS = 120.0
+STALLED = -10  # _spawn's exit code for a run killed because the server saw nothing for a while
+
+
+def _spawn(
+    cmd: list[str], timeout: float, alive: Callable[[], float] | None = None,
+) -> tuple[int, str, str, float, float]:
+    """Run ``cmd``; returns (exit code, stdout, stderr, wall seconds, CPU seconds of the child).
+
+    ``alive`` (the server's CPU seconds) is sampled every 10 s: when it has not moved for
+    ``STALL_SECONDS`` the run is killed and reported as stalled, not waited on until ``timeout``.
+    """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err,
                                 env=dict(os.environ, PYTHONWARNINGS="ignore", RAY_DEDUP_LOGS="0"))
         deadline = t0 + timeout
+        last_seen, last_moved, next_check = (alive() if alive else 0.0), t0, t0 + 10.0
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if time.perf_counter() > deadline:
+            now = time.perf_counter()
+            stalled = False
+            if alive is not None and now >= next_check:
+                next_check = now + 10.0
+                seen = alive()
+                if seen != last_seen:
+                    last_seen, last_moved = seen, now
+                stalled = now - last_moved > STALL_SECONDS
+            if now > deadline or stalled:
                 proc.kill()
                 pid, status, ru = os.wait4(proc.pid, 0)
-                status = -9
+                status = STALLED if stalled else -9
                 break
             time.sleep(0.05)
         proc.returncode = 0  # reaped above; keep Popen from waiting again
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
-        code = os.waitstatus_to_exitcode(status) if status != -9 else -9
+        code = status if status in (-9, STALLED) else os.waitstatus_to_exitcode(status)
         return code, out.read(), err.read(), wall, ru.ru_utime + ru.ru_stime
 
 
@@ -243,11 +262,14 @@ def _run_once(
                "--c", str(c), "--data", data, "--workdir", workdir, "--budget", str(budget), *extra]
     s0 = server.cpu()
     m0 = _machine_busy_seconds()
-    code, stdout, stderr, elapsed, child_cpu = _spawn(cmd, timeout)
+    code, stdout, stderr, elapsed, child_cpu = _spawn(cmd, timeout, alive=server.cpu)
     server_cpu = server.cpu() - s0
     others = max(0.0, _machine_busy_seconds() - m0 - server_cpu - child_cpu) / max(elapsed, 1e-9)
     if code == -9:
         return {"contender": name, "error": f"timed out after {timeout:.0f}s"}
+    if code == STALLED:
+        return {"contender": name, "error": f"stalled: the server got no work for {STALL_SECONDS:.0f}s "
+                f"(killed after {elapsed:.0f}s, {child_cpu:.0f} CPU s)"}
     line = next((ln for ln in reversed(stdout.splitlines()) if ln.startswith("BENCH_RESULT ")), None)
     if line is None:
         tail = (stderr or stdout).strip().splitlines()[-6:]
