@@ -14,7 +14,7 @@ Example:
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._client import ArkClient, MissingApiKey, parse_completion
 from ._config import (
@@ -42,8 +42,17 @@ from ._pacing import PushbackGate
 from ._retry import Decision, backoff_delay, next_delay, parse_retry_after
 from ._types import ChatRequest, ChatResult
 
-# The Beam/pyarrow half of the API, imported on first use (PEP 562).
+if TYPE_CHECKING:  # type checkers and IDEs see the real names
+    from ._schema import OUTPUT_SCHEMA
+    from ._sink import WriteResults
+    from .transform import BatchChatInference
+
+# The Beam/pyarrow half of the API, imported on first use (PEP 562). (``import *`` loads it.)
 _LAZY = {"BatchChatInference": ".transform", "WriteResults": "._sink", "OUTPUT_SCHEMA": "._schema"}
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str) -> Any:

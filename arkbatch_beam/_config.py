@@ -164,9 +164,10 @@ class ClientConfig:
             line (done, ok, failed, in flight, queued, rate, paused) at INFO on the
             ``arkbatch_beam`` logger; 0 turns it off (0 or 1..86400, default 30).
         max_requests_per_second: optional bound on how many requests (attempts, retries
-            included) one worker process starts per second per model, 0.01..100000; a
-            fleet's share of a quota: e.g. 10,000 RPM over 20 processes -> 8.3. ``None``
-            (default): only ``max_concurrency`` and the server's pushback bound the rate.
+            included) one worker process starts per second per model, 0.01..100000, on
+            average (bursts of at most 0.1 s worth); a fleet's share of a quota: e.g.
+            10,000 RPM over 20 processes -> 8.3. ``None`` (default): only
+            ``max_concurrency`` and the server's pushback bound the rate.
 
     Example:
         >>> ClientConfig("ep-123").endpoint.model

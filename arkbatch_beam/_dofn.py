@@ -146,6 +146,7 @@ class InferDoFn(beam.DoFn):
         self._outbox: list[tuple[ChatRequest, Any]] = []
         self._outstanding = 0
         self._sent_any = False
+        self._last_answer_at = 0
 
     def process(
         self,
@@ -177,7 +178,7 @@ class InferDoFn(beam.DoFn):
             for item in self._get():
                 yield self._emit(*item)
         if self._sent_any:
-            self._last_answer.update(wall_mark_ms())
+            self._last_answer.update(self._last_answer_at)
         if self._rt is not None:
             paused = self._rt.take_paused_seconds()
             if paused:
@@ -212,6 +213,7 @@ class InferDoFn(beam.DoFn):
 
     def _emit(self, tag: Any, result: ChatResult) -> Any:
         self._outstanding -= 1
+        self._last_answer_at = wall_mark_ms()
         window, timestamp, request = tag
         if result.ok:
             self._ok.inc()

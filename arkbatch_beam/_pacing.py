@@ -15,8 +15,9 @@ semaphore and Ark's client-side "breaker":
   halved window instead of waiting out the ``Retry-After`` (the refused request itself
   still waits out its own ``Retry-After``: that is the client's job, not the gate's).
 * **Optional rate bound.** With ``max_rate`` (requests per second), admissions also take a
-  token from a bucket refilled at that rate (holding at most one second's worth), so the
-  process never starts more than ``max_rate`` requests a second, however fast answers come.
+  token from a bucket refilled at that rate that holds at most a tenth of a second's worth
+  (at least one token), so in any one-second window the process starts at most
+  ``1.1 x max_rate`` requests (``max_rate`` on average), however fast answers come.
 
 Timers use the event loop's clock (``loop.time()``/``loop.call_at``); nothing polls.
 
@@ -56,7 +57,7 @@ class PushbackGate:
         clock: override for ``loop.time`` (tests pass a fake clock).
         call_at: override for ``loop.call_at`` (tests pass a fake scheduler).
         restart_fraction: after a pause, sending resumes at this fraction of the cap.
-        max_rate: optional bound on admissions per second (a token bucket of one second).
+        max_rate: optional bound on admissions per second (a token bucket of 0.1 s, >= 1).
     """
 
     def __init__(
@@ -90,10 +91,10 @@ class PushbackGate:
         self._hold_seq = -1
         self._timer: Any = None
         self._pause_started: float | None = None
-        # Rate bound: a token bucket (capacity one second of tokens, at least 1), refilled
+        # Rate bound: a token bucket (capacity 0.1 s of tokens, at least 1), refilled
         # lazily from the clock; _rate_timer wakes waiters when the next token is due.
         self.max_rate = max_rate
-        self._burst = max(1.0, max_rate or 0.0)
+        self._burst = max(1.0, (max_rate or 0.0) / 10.0)
         self._tokens = self._burst
         self._tokens_at: float | None = None
         self._rate_timer: Any = None
@@ -156,7 +157,9 @@ class PushbackGate:
             return await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                # Admitted in the same tick we were cancelled: give the slot back.
+                # Admitted in the same tick we were cancelled: give the slot (and token) back.
+                if self.max_rate is not None:
+                    self._tokens = min(self._burst, self._tokens + 1.0)
                 self.release(fut.result(), NEUTRAL)
             else:
                 try:

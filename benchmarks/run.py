@@ -186,7 +186,7 @@ def _machine_busy_seconds() -> float:
 
 
 STALL_SECONDS = 120.0
-STALLED = -10  # _spawn's exit code for a run killed because the server saw nothing for a while
+STALLED = -1000  # _spawn's exit code for a run killed because the server got no work for a while
 
 
 def _spawn(
@@ -194,15 +194,17 @@ def _spawn(
 ) -> tuple[int, str, str, float, float]:
     """Run ``cmd``; returns (exit code, stdout, stderr, wall seconds, CPU seconds of the child).
 
-    ``alive`` (the server's CPU seconds) is sampled every 10 s: when it has not moved for
-    ``STALL_SECONDS`` the run is killed and reported as stalled, not waited on until ``timeout``.
+    ``alive`` (the server's CPU seconds) is sampled every 10 s: once it has moved (the first
+    request arrived; start-up may take any time) and then stays still for ``STALL_SECONDS``, the
+    run is killed and reported as stalled, not waited on until ``timeout``.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err,
                                 env=dict(os.environ, PYTHONWARNINGS="ignore", RAY_DEDUP_LOGS="0"))
         deadline = t0 + timeout
-        last_seen, last_moved, next_check = (alive() if alive else 0.0), t0, t0 + 10.0
+        first_seen = last_seen = alive() if alive else 0.0
+        last_moved, next_check = t0, t0 + 10.0
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -214,7 +216,7 @@ def _spawn(
                 seen = alive()
                 if seen != last_seen:
                     last_seen, last_moved = seen, now
-                stalled = now - last_moved > STALL_SECONDS
+                stalled = last_seen != first_seen and now - last_moved > STALL_SECONDS
             if now > deadline or stalled:
                 proc.kill()
                 pid, status, ru = os.wait4(proc.pid, 0)

@@ -648,15 +648,15 @@ def test_an_oversized_body_is_an_invalid_response_not_a_memory_hog(server: FakeA
 
 def test_max_requests_per_second_bounds_the_send_rate(server: FakeArkServer) -> None:
     arrivals = record_arrivals(server)
-    cfg = config(server.base_url, max_concurrency=50, max_requests_per_second=20.0)
+    cfg = config(server.base_url, max_concurrency=50, max_requests_per_second=50.0)
     results, client, _ = complete_all(cfg, [req(f"r{i}") for i in range(30)])
-    assert all(r.ok for r in results) and client.gate("ep-test").max_rate == 20.0
+    assert all(r.ok for r in results) and client.gate("ep-test").max_rate == 50.0
     starts = sorted(m for m, _ in arrivals)
     assert len(starts) == 30
-    # One second's worth (20) may go at once; the other 10 wait for tokens at 20/s.
-    assert starts[-1] - starts[0] >= 10 / 20.0 - 0.02
-    for k in range(20, 30):  # never more than 20 + 20 x elapsed sent by any arrival
-        assert starts[k] - starts[0] >= (k - 19) / 20.0 - 0.02
+    # A tenth of a second's worth (5) may go at once; the other 25 wait for tokens at 50/s.
+    assert starts[-1] - starts[0] >= 25 / 50.0 - 0.02
+    for k in range(5, 30):  # never more than 5 + 50 x elapsed sent by any arrival
+        assert starts[k] - starts[0] >= (k - 4) / 50.0 - 0.02
 
 
 def test_the_client_alone_imports_neither_beam_nor_pyarrow() -> None:

@@ -191,9 +191,9 @@ def test_rejects_impossible_cap():
 def test_rate_bound_spreads_admissions_over_time_and_wakes_waiters_by_timer():
     async def main():
         clock = FakeClock()
-        gate = PushbackGate(100, clock=clock.time, call_at=clock.call_at, max_rate=4.0)
-        # A full bucket holds one second's worth: 4 admissions at once, not a 5th.
-        tickets = [gate.try_acquire() for _ in range(4)]
+        gate = PushbackGate(100, clock=clock.time, call_at=clock.call_at, max_rate=64.0)
+        # A full bucket holds a tenth of a second's worth (6.4): 6 admissions at once, not a 7th.
+        tickets = [gate.try_acquire() for _ in range(6)]
         assert None not in tickets and gate.try_acquire() is None
         for t in tickets:  # answers coming back do not refill it: only time does
             gate.release(t, OK)
@@ -203,10 +203,10 @@ def test_rate_bound_spreads_admissions_over_time_and_wakes_waiters_by_timer():
         assert not any(w.done() for w in waiters)
         admitted = []
         for _ in range(6):
-            clock.advance(0.125)  # half a token per step
+            clock.advance(1 / 128)  # half a token per step
             await asyncio.sleep(0)
             admitted.append(sum(w.done() for w in waiters))
-        assert admitted == [0, 1, 1, 2, 2, 3]  # one every 0.25 s, FIFO, woken by the timer
+        assert admitted == [0, 1, 1, 2, 2, 3]  # one every 1/64 s, FIFO, woken by the timer
         assert gate.in_flight == 3
 
     run(main())
@@ -239,3 +239,19 @@ def test_rate_bound_and_pause_together_and_close_cancels_the_timer():
 def test_rejects_impossible_rate():
     with pytest.raises(ValueError, match="max_rate"):
         PushbackGate(1, max_rate=0)
+
+
+def test_a_waiter_cancelled_in_the_tick_it_was_admitted_gives_its_token_back():
+    async def main():
+        clock = FakeClock()
+        gate = PushbackGate(1, clock=clock.time, call_at=clock.call_at, max_rate=1.0)
+        first = gate.try_acquire()
+        waiter = asyncio.create_task(gate.acquire())
+        await asyncio.sleep(0)
+        clock.advance(1.0)  # a token is due, but the slot is taken
+        gate.release(first, OK)  # slot freed: the waiter is admitted (token taken) ...
+        waiter.cancel()  # ... and cancelled before it ran
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert gate.in_flight == 0 and gate.try_acquire() is not None  # token and slot came back
+
+    run(main())
