@@ -164,7 +164,7 @@ class InferDoFn(beam.DoFn):
         # Emit whatever is finished, without waiting.
         done = self._done
         while not done.empty():
-            for item in done.get_nowait():
+            for item in self._received(done.get_nowait()):
                 yield self._emit(*item)
         # Back-pressure: wait for the first completion when the window is full.
         while self._outstanding >= self._max_pending:
@@ -203,9 +203,14 @@ class InferDoFn(beam.DoFn):
     def _get(self) -> list[tuple[Any, ChatResult]]:
         while True:
             try:
-                return self._done.get(timeout=5.0)
+                return self._received(self._done.get(timeout=5.0))
             except queue.Empty:
                 self._check_fatal()
+
+    def _received(self, items: list[tuple[Any, ChatResult]]) -> list[tuple[Any, ChatResult]]:
+        # One wall-clock mark per list handed over by the loop thread, not per element.
+        self._last_answer_at = wall_mark_ms()
+        return items
 
     def _check_fatal(self) -> None:
         if self._rt is not None and self._rt.fatal:
@@ -213,7 +218,6 @@ class InferDoFn(beam.DoFn):
 
     def _emit(self, tag: Any, result: ChatResult) -> Any:
         self._outstanding -= 1
-        self._last_answer_at = wall_mark_ms()
         window, timestamp, request = tag
         if result.ok:
             self._ok.inc()

@@ -121,11 +121,12 @@ class PushbackGate:
 
     # -- admission -----------------------------------------------------------------------
     def _can_admit(self) -> bool:
-        return self.in_flight < self.limit and not self.paused and self._has_token()
+        return (self.in_flight < self.limit and not self.paused
+                and (self.max_rate is None or self._has_token()))
 
     def _has_token(self) -> bool:
-        if self.max_rate is None:
-            return True
+        """Refill the bucket from the clock; True when a whole token is there (rate bound set)."""
+        assert self.max_rate is not None
         now = self.now()
         if self._tokens_at is not None:
             self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self.max_rate)
@@ -152,7 +153,8 @@ class PushbackGate:
             return ticket
         fut: asyncio.Future[int] = self._get_loop().create_future()
         self._waiters.append(fut)
-        self._arm_rate_timer()
+        if self.max_rate is not None:
+            self._arm_rate_timer()
         try:
             return await fut
         except asyncio.CancelledError:
@@ -173,11 +175,13 @@ class PushbackGate:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(self._admit())
-        self._arm_rate_timer()
+        if self.max_rate is not None:
+            self._arm_rate_timer()
 
     def _arm_rate_timer(self) -> None:
         """If waiters wait only for a token, wake them when the next one is due."""
-        if (self.max_rate is None or self._rate_timer is not None or not self._waiters
+        assert self.max_rate is not None
+        if (self._rate_timer is not None or not self._waiters
                 or self.in_flight >= self.limit or self.paused or self._has_token()):
             return
         due = self.now() + (1.0 - self._tokens) / self.max_rate
@@ -249,8 +253,9 @@ class PushbackGate:
 
     def close(self) -> None:
         """Cancel the timers and fail nobody: waiters are cancelled by their owners."""
-        for name in ("_timer", "_rate_timer"):
-            timer = getattr(self, name)
-            if timer is not None:
-                timer.cancel()
-                setattr(self, name, None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
+            self._rate_timer = None

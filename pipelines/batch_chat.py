@@ -235,25 +235,21 @@ def _has_parts(output: str) -> bool:
     return any(part_files(FileSystems.join(output, d)) for d in (RESULTS_DIR, FAILURES_DIR))
 
 
-def _counter(result: Any, name: str) -> int:
+def _job_metrics(result: Any) -> tuple[dict[str, int], float | None]:
+    """The job's ``arkbatch`` counters (summed over steps) and the seconds from its first send
+    to its last answer (``None`` when nothing was sent), from one metrics query."""
     try:
-        res = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE).with_name(name))
+        res = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     except Exception:  # noqa: BLE001 - some runners have no metrics
-        return 0
-    return int(sum(c.committed or 0 for c in res["counters"]))
-
-
-def _span_seconds(result: Any) -> float | None:
-    """Seconds from the job's first send to its last answer (None when nothing was sent)."""
-    try:
-        res = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["distributions"]
-    except Exception:  # noqa: BLE001 - some runners have no metrics
-        return None
-    firsts = [d.committed.min for d in res if d.key.metric.name == "first_send_ms" and d.committed]
-    lasts = [d.committed.max for d in res if d.key.metric.name == "last_answer_ms" and d.committed]
-    if not firsts or not lasts:
-        return None
-    return max(0.0, (max(lasts) - min(firsts)) / 1000.0)
+        return {}, None
+    counters: dict[str, int] = {}
+    for c in res["counters"]:
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(c.committed or 0)
+    dists = [d for d in res["distributions"] if d.committed]
+    firsts = [d.committed.min for d in dists if d.key.metric.name == "first_send_ms"]
+    lasts = [d.committed.max for d in dists if d.key.metric.name == "last_answer_ms"]
+    span = max(0.0, (max(lasts) - min(firsts)) / 1000.0) if firsts and lasts else None
+    return counters, span
 
 
 def build_pipeline(
@@ -345,10 +341,10 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         build_pipeline(p, args, config=config, inputs=inputs)
     result = p.result
     wall = time.monotonic() - started
-    ok = _counter(result, "rows_written_ok")
-    failed = _counter(result, "rows_written_failed")
-    requests = _counter(result, "requests")
-    span = _span_seconds(result)
+    counters, span = _job_metrics(result)
+    ok = counters.get("rows_written_ok", 0)
+    failed = counters.get("rows_written_failed", 0)
+    requests = counters.get("requests", 0)
     summary = {
         "ok": ok,
         "failed": failed,
@@ -358,11 +354,8 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         # First send to last answer: the steady rate, without start-up and compaction.
         "sending_seconds": None if span is None else round(span, 3),
         "sending_requests_per_second": round(requests / span, 1) if span else None,
-        "retries": _counter(result, "retries"),
-        "skipped_done": _counter(result, "skipped_done"),
-        "duplicates": _counter(result, "duplicates"),
-        "prompt_tokens": _counter(result, "prompt_tokens"),
-        "completion_tokens": _counter(result, "completion_tokens"),
+        **{name: counters.get(name, 0)
+           for name in ("retries", "skipped_done", "duplicates", "prompt_tokens", "completion_tokens")},
         "output": output,
     }
     try:
