@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["arkbatch_beam", "arkbatch_beam.*", "pipelines", "pipelines.*"]),
     install_requires=[
         "apache-beam[gcp]>=2.77.0,<2.78",
-        "aiohttp>=3.9,<4",
+        "aiohttp>=3.12,<4",
         "pyarrow>=14.0.1,<26",
         "google-cloud-storage>=2.18.2,<4",
         "orjson>=3.9.7,<4",

@@ -1,14 +1,22 @@
-"""The async Ark / OpenAI-compatible chat client: one session, one cap, one request -> one result.
+"""The async Ark / OpenAI-compatible chat client: the one owner of concurrency and retries.
 
-``ArkClient.complete(request)`` never raises for a per-request problem: it retries what is
-retryable until the request's deadline (first send + ``timeout``), honours the server's
-``Retry-After`` through the pushback gate, and returns a :class:`ChatResult` (``ok``, or
-``failed`` with the reason). Two clocks: the request's deadline, and an optional
-``attempt_timeout``; the time a request waits for a free slot in our own gate never counts
-against an attempt, and aiohttp's own pool never makes it wait (its limit equals the cap).
+``ArkClient`` runs every request through one scheduler:
 
-The API key is read from the environment when the client starts and lives only in the
-session's default headers: it is not in the config, the repr, a log line or an error.
+* **A pool of at most ``max_concurrency`` workers** (coroutines). A worker takes a request
+  whose model's pushback gate admits it, makes *one* attempt (``_attempt.py``), and moves on.
+  So at most ``max_concurrency`` attempts are ever on the wire, whatever the mix of models,
+  and none waits inside aiohttp's pool (its connector has no limit of its own).
+* **A retry holds no worker.** After a retryable failure the request is parked on a loop
+  timer (``call_at``) for its backoff or ``Retry-After`` and re-queued when it fires.
+* **Clocks are injected** (``clock``/``call_at``, default the loop's), as is the transport,
+  so retry timing is tested exactly on a fake clock (``tests/test_engine.py``).
+* **Every request ends in exactly one row**, unless its owner cancels it: ``ok``; the
+  server's own failure (a 4xx, not retried); or the limit that ended it
+  (``deadline_exceeded``: the deadline, first send + ``timeout``, or less than
+  ``min_attempt_seconds`` left; ``attempts_exhausted``: ``max_attempts`` attempts failed
+  without the server announcing a wait). Secrets are scrubbed from every row.
+* **Owners.** Requests submitted with an ``owner`` (a bundle) can be cancelled together: queued
+  and parked ones are never sent, in-flight ones are aborted, their slots freed.
 
 Example:
     >>> import asyncio, os
@@ -29,181 +37,187 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
-import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
-import aiohttp
 import orjson
 
+from ._attempt import HttpTransport, MissingApiKey, Outcome, Transport, classify
 from ._config import ClientConfig
-from ._errors import (
-    ArkError,
-    DeadlineExceeded,
-    EndpointError,
-    InvalidResponse,
-    RateLimited,
-    error_for_status,
-    map_transport_error,
-    mapped_transport_errors,
-)
-from ._pacing import NEUTRAL, OK, REFUSED, PushbackGate
-from ._retry import next_delay, parse_retry_after
-from ._types import STATUS_FAILED, STATUS_OK, ChatRequest, ChatResult
+from ._errors import ArkError, AttemptTimeout, DeadlineExceeded, InvalidResponse, map_transport_error
+from ._health import FATAL_AFTER, EndpointHealth
+from ._pacing import NEUTRAL, OK, PushbackGate
+from ._result import Redactor, failed, parse_completion
+from ._retry import DEADLINE, next_delay
+from ._types import STATUS_OK, ChatRequest, ChatResult
+
+__all__ = ["ArkClient", "ClientStats", "MissingApiKey", "parse_completion", "FATAL_AFTER"]
 
 log = logging.getLogger("arkbatch_beam")
 
-# When the first this-many answers the endpoint gives are all 401/403/404 (no success, no
-# other answer of any kind in between), the endpoint is declared unusable (wrong key or
-# endpoint id) and the client reports it as fatal. A few scripted or transient 401s among
-# other answers never are.
-FATAL_AFTER = 10
+Done = Callable[[ChatResult], None]
 
-# A chat completion is kilobytes; a body beyond this is a broken or hostile server.
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# Job states.
+_QUEUED, _RUNNING, _PARKED, _DONE = 0, 1, 2, 3
+# Why an in-flight attempt is aborted.
+_TIMEOUT, _CANCELLED = "timeout", "cancelled"
 
 
-class MissingApiKey(RuntimeError):
-    """The environment variable that should hold the API key is unset or empty."""
+class _Job:
+    """One request's journey through the scheduler (loop thread only)."""
+
+    __slots__ = (
+        "request", "model", "payload", "done", "owner", "state", "first_send", "deadline",
+        "attempts", "counted", "invalid", "last", "rid", "timer", "worker", "abort",
+    )
+
+    def __init__(self, request: ChatRequest, model: str, payload: bytes, done: Done, owner: Any) -> None:
+        self.request = request
+        self.model = model
+        self.payload = payload
+        self.done = done
+        self.owner = owner
+        self.state = _QUEUED
+        self.first_send: float | None = None
+        self.deadline = float("inf")
+        self.attempts = 0
+        self.counted = 0  # attempts that failed without the server announcing a wait
+        self.invalid = 0
+        self.last: ArkError | None = None
+        self.rid: str | None = None
+        self.timer: Any = None  # retry timer while parked, deadline timer while re-queued
+        self.worker: asyncio.Task[None] | None = None
+        self.abort: str | None = None
 
 
-_INT64 = range(-(2**63), 2**63)
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientStats:
+    """A consistent snapshot of the client's figures, safe to read from any thread.
 
-
-def _int_or_none(v: Any) -> int | None:
-    """An int that fits the int64 columns (a hostile 2**64 must not crash the writer)."""
-    return v if isinstance(v, int) and not isinstance(v, bool) and v in _INT64 else None
-
-
-def _str_or_none(v: Any) -> str | None:
-    if v is None or isinstance(v, str):
-        return v
-    return orjson.dumps(v).decode()
-
-
-def parse_completion(data: bytes, result: ChatResult) -> None:
-    """Fill ``result`` from a 200 body; raise :class:`InvalidResponse` if it is not one.
-
-    Example:
-        >>> r = ChatResult("x", "ok")
-        >>> parse_completion(b'{"id":"c1","choices":[{"message":{"content":"hi"},'
-        ...                  b'"finish_reason":"stop"}],"usage":{"prompt_tokens":2}}', r)
-        >>> r.content, r.finish_reason, r.prompt_tokens
-        ('hi', 'stop', 2)
+    The loop thread builds it (:meth:`ArkClient.stats`); other threads only read the
+    published object, never the client's live state.
     """
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise InvalidResponse(
-            "200 answer is not valid JSON" + (" (empty body)" if not data else ""),
-            http_status=200,
-        ) from None
-    if not isinstance(obj, dict):
-        raise InvalidResponse("200 answer is not a JSON object", http_status=200)
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise InvalidResponse("200 answer has no choices", http_status=200)
-    choice = choices[0]
-    message = choice.get("message")
-    if not isinstance(message, dict):
-        message = {}
-    result.response_id = _str_or_none(obj.get("id"))
-    if isinstance(obj.get("model"), str):
-        result.model = obj["model"]
-    result.content = _str_or_none(message.get("content"))
-    result.reasoning_content = _str_or_none(message.get("reasoning_content"))
-    result.finish_reason = _str_or_none(choice.get("finish_reason"))
-    usage = obj.get("usage")
-    if isinstance(usage, dict):
-        result.prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
-        result.completion_tokens = _int_or_none(usage.get("completion_tokens"))
-        result.total_tokens = _int_or_none(usage.get("total_tokens"))
-        ptd = usage.get("prompt_tokens_details")
-        if isinstance(ptd, dict):
-            result.cached_tokens = _int_or_none(ptd.get("cached_tokens"))
-        ctd = usage.get("completion_tokens_details")
-        if isinstance(ctd, dict):
-            result.reasoning_tokens = _int_or_none(ctd.get("reasoning_tokens"))
+
+    ok: int = 0
+    failed: int = 0
+    attempts: int = 0
+    in_flight: int = 0
+    queued: int = 0
+    parked: int = 0
+    paused_seconds: float = 0.0
+    paused_for: float = 0.0
+    fatal: str | None = None
 
 
 class ArkClient:
-    """One aiohttp session, a connector sized to the cap, and one pushback gate per model.
+    """The scheduler, the gates (one per model) and one transport. See the module docstring.
 
-    Use it from one event loop (the shared runtime's). See the module docstring.
+    Args:
+        config: the client configuration.
+        transport: ``async (payload, request_id) -> (status, headers, body)``; default an
+            :class:`~arkbatch_beam._attempt.HttpTransport` for ``config``.
+        clock: monotonic clock (default the running loop's ``time``).
+        call_at: ``call_at(when, callback, *args) -> handle with .cancel()`` on ``clock``
+            (default the loop's).
+        wall_clock: Unix time, for ``Retry-After`` HTTP-dates (default ``time.time``).
+
+    Use it from one event loop (the shared runtime's).
     """
 
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        transport: Transport | None = None,
+        clock: Callable[[], float] | None = None,
+        call_at: Callable[..., Any] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] | None = None,
+    ) -> None:
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
+        self._http = HttpTransport(config) if transport is None else None
+        self._transport: Transport = transport if transport is not None else self._http  # type: ignore[assignment]
+        self._clock = clock
+        self._call_at = call_at
+        self._wall = wall_clock
+        self._rand = rand or random.Random().random
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._closing = False
         self._gates: dict[str, PushbackGate] = {}
+        # Requests ready to go, per model (FIFO each); models with none are not in the dict.
+        self._ready: dict[str, collections.deque[_Job]] = {}
+        self._n_ready = 0
+        self._parked: set[_Job] = set()
+        self._running: set[_Job] = set()
+        self._owners: dict[Hashable, set[_Job]] = {}
+        self._workers: set[asyncio.Task[None]] = set()
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
         self._rid_prefix = uuid.uuid4().hex[:12]
         self._rid_counter = 0
-        self._rand = random.Random()
-        # Counters (read by the runtime for metrics).
+        self.redactor = Redactor()
+        self.health = EndpointHealth(config.endpoint.url, config.endpoint.api_key_env, self._redact)
+        # Counters (loop thread; read them through stats()).
         self.attempts = 0
         self.ok = 0
         self.failed = 0
-        self._endpoint_errors = 0
-        self._other_answers = 0
-        self._redact_key: str | None = None  # a server may echo the key back: never keep it
-        self.backing_off = 0  # requests sleeping before a retry right now
-        self.on_backoff: Callable[[], None] | None = None
-        self.fatal: str | None = None
 
     def __repr__(self) -> str:
         return f"ArkClient(url={self.config.endpoint.url!r}, max_concurrency={self.config.max_concurrency})"
 
+    def _redact(self, text: str | None) -> str | None:
+        return self.redactor.text(text)
+
+    # -- clocks --------------------------------------------------------------------------
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else self._loop.time()  # type: ignore[union-attr]
+
+    def _at(self, when: float, callback: Callable[..., Any], *args: Any) -> Any:
+        if self._call_at is not None:
+            return self._call_at(when, callback, *args)
+        return self._loop.call_at(when, callback, *args)  # type: ignore[union-attr]
+
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Read the key from the environment and open the session (idempotent)."""
-        if self._session is not None:
+        """Read the credentials from the environment and open the session (idempotent)."""
+        if self._started:
             return
-        ep = self.config.endpoint
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        headers.update(dict(ep.headers))
-        if ep.api_key_env:
-            key = os.environ.get(ep.api_key_env, "")
-            if not key:
-                raise MissingApiKey(
-                    f"environment variable {ep.api_key_env} is not set: put the API key there "
-                    "(in the worker's environment), or pass api_key_env='' for a server "
-                    "without authentication"
-                )
-            headers["Authorization"] = f"Bearer {key}"
-            self._redact_key = key
-        connector = aiohttp.TCPConnector(
-            limit=self.config.max_concurrency,
-            limit_per_host=0,
-            ttl_dns_cache=300,
-            enable_cleanup_closed=True,  # CPython < 3.12.8 leaks aborted SSL transports
-        )
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=self.config.connect_timeout,
-            sock_read=None,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers=headers,
-            timeout=timeout,
-            raise_for_status=False,
-            auto_decompress=True,
-            trust_env=False,
-            skip_auto_headers=("User-Agent",),
-        )
+        self._loop = asyncio.get_running_loop()
+        if self._http is not None:
+            await self._http.start()
+            self.redactor = self._http.redactor
+        self._started = True
 
     async def close(self) -> None:
-        """Close the session and cancel gate timers."""
+        """Stop: cancel every request and worker, await them, close the session.
+
+        Requests still queued, parked or in flight get no row (their owners are going away
+        too); nothing is left pending on the loop.
+        """
+        self._closing = True
         for gate in self._gates.values():
             gate.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for job in list(self._parked):
+            if job.timer is not None:
+                job.timer.cancel()
+        self._parked.clear()
+        self._ready.clear()
+        self._n_ready = 0
+        workers = list(self._workers)
+        for task in workers:
+            task.cancel()
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
+        self._idle.clear()
+        if self._http is not None:
+            await self._http.close()
+        self._started = False
 
     async def __aenter__(self) -> ArkClient:
         await self.start()
@@ -212,22 +226,115 @@ class ArkClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- gates ---------------------------------------------------------------------------
+    # -- gates and figures ---------------------------------------------------------------
     def gate(self, model: str) -> PushbackGate:
         """The pushback gate for ``model`` (created on first use)."""
         g = self._gates.get(model)
         if g is None:
             g = self._gates[model] = PushbackGate(
-                self.config.max_concurrency, max_rate=self.config.max_requests_per_second
+                self.config.max_concurrency,
+                max_rate=self.config.max_requests_per_second,
+                clock=self._clock,
+                call_at=self._call_at,
+                on_wake=self._kick,
             )
         return g
 
     @property
+    def fatal(self) -> str | None:
+        """A message when the endpoint rejected every request so far (wrong key or id)."""
+        return self.health.fatal
+
+    @property
     def paused_seconds(self) -> float:
-        """Seconds all gates have spent paused so far."""
+        """Seconds all gates have spent paused so far (loop thread)."""
         return sum(g.paused_seconds for g in self._gates.values())
 
-    # -- one request ---------------------------------------------------------------------
+    def stats(self) -> ClientStats:
+        """A snapshot of the figures (call in the loop thread; publish the result)."""
+        now = self._now() if self._loop is not None or self._clock is not None else 0.0
+        return ClientStats(
+            ok=self.ok,
+            failed=self.failed,
+            attempts=self.attempts,
+            in_flight=len(self._running),
+            queued=self._n_ready,
+            parked=len(self._parked),
+            paused_seconds=self.paused_seconds,
+            paused_for=max((g.paused_until - now for g in self._gates.values() if g.paused), default=0.0),
+            fatal=self.health.fatal,
+        )
+
+    # -- submitting ----------------------------------------------------------------------
+    async def complete(self, request: ChatRequest) -> ChatResult:
+        """Send one request with retries until it ends; never raises for its failures.
+
+        Cancelling the awaiting task cancels the request (its slot comes back).
+        """
+        if not self._started:
+            await self.start()
+        fut: asyncio.Future[ChatResult] = self._loop.create_future()  # type: ignore[union-attr]
+        owner = object()
+
+        def done(result: ChatResult) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        self.submit(request, done, owner=owner)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.cancel_owner(owner)
+            raise
+
+    def submit(self, request: ChatRequest, done: Done, owner: Hashable | None = None) -> None:
+        """Queue ``request``; ``done(result)`` is called once, in the loop, when it ends.
+
+        Must be called in the loop thread after :meth:`start`. ``owner`` groups requests
+        for :meth:`cancel_owner`.
+        """
+        try:
+            model, payload = self._prepare(request)
+        except (ValueError, TypeError, orjson.JSONEncodeError) as exc:
+            self.failed += 1
+            done(self.redactor.result(ChatResult.failure(
+                request.custom_id, "invalid_request", str(exc), request_json=request.raw)))
+            return
+        job = _Job(request, model, payload, done, owner)
+        if owner is not None:
+            jobs = self._owners.get(owner)
+            if jobs is None:
+                jobs = self._owners[owner] = set()
+            jobs.add(job)
+        self._enqueue(job)
+
+    def cancel_owner(self, owner: Hashable) -> int:
+        """Cancel every unfinished request of ``owner``; returns how many.
+
+        Queued and parked requests are never sent; in-flight attempts are aborted (the
+        connection is dropped) and their slots freed. No row is delivered for them.
+        """
+        jobs = self._owners.pop(owner, None)
+        if not jobs:
+            return 0
+        n = 0
+        for job in jobs:
+            if job.state == _DONE:
+                continue
+            n += 1
+            state, job.state = job.state, _DONE
+            if job.timer is not None:
+                job.timer.cancel()
+                job.timer = None
+            if state == _PARKED:
+                self._parked.discard(job)
+            elif state == _QUEUED:
+                self._n_ready -= 1  # left in its deque; skipped when reached
+            elif state == _RUNNING and job.worker is not None and job.abort is None:
+                job.abort = _CANCELLED
+                job.worker.cancel()
+        return n
+
     def _prepare(self, request: ChatRequest) -> tuple[str, bytes]:
         body = request.body
         ep = self.config.endpoint
@@ -241,225 +348,236 @@ class ArkClient:
                 body["stream"] = False  # streaming is not allowed on the batch path
         return model, orjson.dumps(body)
 
-    async def complete(self, request: ChatRequest) -> ChatResult:
-        """Send one request with retries until its deadline; never raises for its failures."""
-        if self._session is None:
-            await self.start()
-        try:
-            model, payload = self._prepare(request)
-        except (ValueError, TypeError, orjson.JSONEncodeError) as exc:
-            self.failed += 1
-            return ChatResult.failure(
-                request.custom_id,
-                "invalid_request",
-                str(exc),
-                request_json=request.raw,
-            )
-        result = await self._run(request, model, payload)
-        if result.status == STATUS_OK:
-            self.ok += 1
-        else:
-            self.failed += 1
-            if result.request_json is None:
-                result.request_json = request.raw or payload.decode()
-        return result
+    # -- scheduling ----------------------------------------------------------------------
+    def _enqueue(self, job: _Job) -> None:
+        job.state = _QUEUED
+        q = self._ready.get(job.model)
+        if q is None:
+            q = self._ready[job.model] = collections.deque()
+        q.append(job)
+        self._n_ready += 1
+        if job.first_send is not None:
+            # A retry may wait in the queue behind a paused gate: it must still end by its
+            # deadline, as if it had been given a slot too late.
+            job.timer = self._at(job.deadline - self.config.min_attempt_window, self._expire_queued, job)
+        self._kick()
 
-    async def _run(self, request: ChatRequest, model: str, payload: bytes) -> ChatResult:
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        gate = self.gate(model)
-        result = ChatResult(request.custom_id, STATUS_OK, model=model)
-        first_send: float | None = None
-        deadline = float("inf")
-        attempts = invalid = 0
-        last: ArkError | None = None
-        while True:
-            # 1. A slot. Waiting here never counts against an attempt; once the request has
-            #    been sent it does count against the deadline.
+    def _kick(self) -> None:
+        """Wake idle workers (or start new ones) for the requests that are ready."""
+        want = self._n_ready
+        idle = self._idle
+        while idle and want > 0:
+            fut = idle.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                want -= 1
+        if want > 0 and not self._closing:
+            spawn = min(want, self.config.max_concurrency - len(self._workers))
+            loop = self._loop
+            assert loop is not None
+            for _ in range(spawn):
+                task = loop.create_task(self._worker())
+                self._workers.add(task)
+
+    def _pick(self) -> tuple[_Job, PushbackGate, int] | None:
+        """The next request whose gate admits it now, with its ticket; round-robin over models."""
+        ready = self._ready
+        for model in list(ready):
+            q = ready[model]
+            while q and q[0].state != _QUEUED:
+                q.popleft()  # cancelled while queued
+            if not q:
+                del ready[model]
+                continue
+            gate = self._gates.get(model) or self.gate(model)
             ticket = gate.try_acquire()
             if ticket is None:
-                if first_send is None:
-                    ticket = await gate.acquire()
-                else:
-                    remaining = deadline - loop.time()
-                    try:
-                        if remaining <= 0:
-                            raise TimeoutError
-                        async with asyncio.timeout(remaining):
-                            ticket = await gate.acquire()
-                    except TimeoutError:
-                        return self._give_up(result, attempts, last, first_send, loop.time())
-            now = loop.time()
-            if first_send is None:
-                first_send = now
-                deadline = now + cfg.timeout
-            attempts += 1
-            self.attempts += 1
-            self._rid_counter += 1
-            rid = f"{self._rid_prefix}-{self._rid_counter}"
-            budget = deadline - now
-            if cfg.attempt_timeout is not None:
-                budget = min(budget, cfg.attempt_timeout)
-            outcome, retry_after = NEUTRAL, None
-            try:
-                try:
-                    async with asyncio.timeout(budget):
-                        status, headers, data = await self._post(payload, rid)
-                except TimeoutError:
-                    if loop.time() >= deadline - 1e-6:
-                        raise DeadlineExceeded("deadline reached during an attempt") from None
-                    raise
-                if status == 200:
-                    parse_completion(data, result)
-                    outcome = OK
-                else:
-                    body = None
-                    try:
-                        body = orjson.loads(data) if data else None
-                    except orjson.JSONDecodeError:
-                        pass
-                    retry_after = parse_retry_after(headers, time.time())
-                    err = error_for_status(
-                        status,
-                        body,
-                        retry_after=retry_after,
-                        text=data[:500].decode("utf-8", "replace"),
-                    )
-                    if isinstance(err, RateLimited) or (err.retryable and retry_after is not None):
-                        outcome = REFUSED  # the server named a time: it is pushing back
-                    raise err
-            except DeadlineExceeded as exc:
-                gate.release(ticket, NEUTRAL)
-                return self._give_up(result, attempts, last or exc, first_send, loop.time())
-            except (ArkError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                gate.release(ticket, outcome, retry_after)
-                last = exc if isinstance(exc, ArkError) else map_transport_error(exc)
-                if isinstance(last, InvalidResponse):
-                    invalid += 1
-                self._note_answer(last)
-            except BaseException:
-                # Cancelled (or an unexpected error) mid-attempt: give the slot back, or
-                # the gate would count this request in flight forever.
+                continue
+            job = q.popleft()
+            self._n_ready -= 1
+            if not q:
+                del ready[model]
+            elif len(ready) > 1:
+                ready[model] = ready.pop(model)  # to the back: models take turns
+            if job.timer is not None:
+                job.timer.cancel()
+                job.timer = None
+            return job, gate, ticket
+        return None
+
+    async def _worker(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None and self._loop is not None
+        try:
+            while not self._closing:
+                picked = self._pick()
+                if picked is None:
+                    fut = self._loop.create_future()
+                    self._idle.append(fut)
+                    await fut
+                    continue
+                job, gate, ticket = picked
+                await self._attempt(job, gate, ticket, task)
+        finally:
+            self._workers.discard(task)
+
+    def _expire_queued(self, job: _Job) -> None:
+        job.timer = None
+        if job.state == _QUEUED:
+            job.state = _DONE  # left in its deque; skipped when reached
+            self._n_ready -= 1
+            self._finish_deadline(job)
+
+    # -- one attempt and what follows ----------------------------------------------------
+    async def _attempt(self, job: _Job, gate: PushbackGate, ticket: int, task: asyncio.Task[None]) -> None:
+        cfg = self.config
+        now = self._now()
+        if job.first_send is None:
+            job.first_send = now
+            job.deadline = now + cfg.timeout
+        elif now > job.deadline - cfg.min_attempt_window:
+            gate.release(ticket, NEUTRAL)
+            job.state = _DONE
+            self._finish_deadline(job)
+            return
+        job.attempts += 1
+        self.attempts += 1
+        self._rid_counter += 1
+        job.rid = rid = f"{self._rid_prefix}-{self._rid_counter}"
+        ends = job.deadline
+        if cfg.attempt_timeout is not None:
+            ends = min(ends, now + cfg.attempt_timeout)
+        job.state = _RUNNING
+        job.worker = task
+        job.abort = None
+        self._running.add(job)
+        timer = self._at(ends, self._abort_attempt, job)
+        try:
+            status, headers, body = await self._transport(job.payload, rid)
+        except asyncio.CancelledError:
+            if job.abort is None or self._closing:
                 gate.release(ticket, NEUTRAL)
                 raise
-            else:
-                gate.release(ticket, OK)
-                self._other_answers += 1
-                result.attempts = attempts
-                result.latency_ms = (loop.time() - first_send) * 1000.0
-                result.request_id = rid
-                result.response_json = data.decode("utf-8", "replace")
-                return result
-            # 2. Decide: retry after a delay, or give up.
-            now = loop.time()
-            decision = next_delay(
-                attempts,
-                last,
-                now=now,
-                deadline=deadline,
-                backoff=cfg.backoff,
-                rand=self._rand.random(),
-                invalid_responses=invalid,
-                max_invalid_responses=cfg.max_invalid_responses,
+            task.uncancel()
+            outcome = Outcome(
+                DeadlineExceeded("deadline reached during an attempt")
+                if ends >= job.deadline else AttemptTimeout("attempt timed out")
             )
-            if decision.give_up:
-                if decision.reason == "deadline_exceeded":
-                    return self._give_up(result, attempts, last, first_send, now)
-                return self._fail(result, attempts, last, first_send, now, rid)
-            # Waiting out a backoff or Retry-After holds no slot on the wire; tell the owner
-            # (the runtime), so it can let another request use the worker time meanwhile.
-            self.backing_off += 1
-            if self.on_backoff is not None:
-                self.on_backoff()
+        except ArkError as exc:
+            outcome = Outcome(exc)
+        except Exception as exc:  # noqa: BLE001 - a transport we do not know: map or fail the row
             try:
-                await asyncio.sleep(decision.delay)
-            finally:
-                self.backing_off -= 1
-
-    async def _post(self, payload: bytes, rid: str) -> tuple[int, Any, bytes]:
-        assert self._session is not None
-        with mapped_transport_errors():
-            async with self._session.post(
-                self.config.endpoint.url,
-                data=payload,
-                headers={"X-Client-Request-Id": rid},
-            ) as resp:
-                size = resp.content_length
-                if size is not None and size <= MAX_RESPONSE_BYTES:
-                    data = await resp.read()
-                else:  # unknown or too large: read at most the limit, never an endless body
-                    chunks, total = [], 0
-                    async for chunk in resp.content.iter_chunked(1 << 16):
-                        total += len(chunk)
-                        if total > MAX_RESPONSE_BYTES:
-                            raise InvalidResponse(f"response body over {MAX_RESPONSE_BYTES} bytes")
-                        chunks.append(chunk)
-                    data = b"".join(chunks)
-                return resp.status, resp.headers, data
-
-    def _note_answer(self, err: ArkError) -> None:
-        if not isinstance(err, EndpointError):
-            if err.http_status is not None:  # the endpoint answered something else
-                self._other_answers += 1
+                outcome = Outcome(map_transport_error(exc))
+            except Exception:  # noqa: BLE001
+                outcome = Outcome(ArkError(f"{type(exc).__name__}: {exc}"))
+        else:
+            outcome = classify(status, headers, body, self._wall())
+        finally:
+            timer.cancel()
+            job.worker = None
+            self._running.discard(job)
+        if job.abort is not None and task.cancelling():
+            task.uncancel()  # the transport swallowed our cancellation: do not leak it
+        if job.state == _DONE:  # its owner cancelled it meanwhile
+            gate.release(ticket, NEUTRAL)
             return
-        self._endpoint_errors += 1
-        if self.ok == 0 and self._other_answers == 0:
-            if self._endpoint_errors >= FATAL_AFTER and self.fatal is None:
-                self.fatal = (
-                    f"the endpoint {self.config.endpoint.url} answered HTTP {err.http_status} "
-                    f"({self._redact(err.error_code) or 'no code'}: {self._redact(err.message)}) to the first "
-                    f"{self._endpoint_errors} requests and never succeeded: check the model/"
-                    f"endpoint id, base_url, path and the key in ${self.config.endpoint.api_key_env}"
-                )
-                log.error("%s", self.fatal)
+        self._after(job, gate, ticket, outcome, rid)
 
-    def _redact(self, text: str | None) -> str | None:
-        key = self._redact_key
-        if text and key and key in text:
-            return text.replace(key, "[redacted]")
-        return text
+    def _abort_attempt(self, job: _Job) -> None:
+        if job.state == _RUNNING and job.worker is not None and job.abort is None:
+            job.abort = _TIMEOUT
+            job.worker.cancel()
 
-    def _fill_error(self, result: ChatResult, err: ArkError | None) -> None:
+    def _after(self, job: _Job, gate: PushbackGate, ticket: int, outcome: Outcome, rid: str) -> None:
+        result = ChatResult(job.request.custom_id, STATUS_OK, model=job.model)
+        err = outcome.error
         if err is None:
+            try:
+                parse_completion(outcome.body, result)
+            except InvalidResponse as exc:
+                err = exc
+        if err is None:
+            gate.release(ticket, OK)
+            self.health.note_answer()
+            result.attempts = job.attempts
+            result.latency_ms = (self._now() - job.first_send) * 1000.0  # type: ignore[operator]
+            result.request_id = rid
+            result.response_json = outcome.body.decode("utf-8", "replace")
+            self.ok += 1
+            self._deliver(job, result)
             return
-        result.http_status = err.http_status
-        result.error_code = self._redact(err.error_code)
-        result.error_message = self._redact(err.message)
-
-    def _fail(
-        self,
-        result: ChatResult,
-        attempts: int,
-        err: ArkError,
-        first_send: float | None,
-        now: float,
-        rid: str,
-    ) -> ChatResult:
-        result.status = STATUS_FAILED
-        self._fill_error(result, err)
-        result.error_type = err.error_type
-        result.retryable = err.retryable
-        result.attempts = attempts
-        result.request_id = rid
-        result.latency_ms = (now - first_send) * 1000.0 if first_send is not None else 0.0
-        return result
-
-    def _give_up(
-        self,
-        result: ChatResult,
-        attempts: int,
-        last: ArkError | None,
-        first_send: float | None,
-        now: float,
-    ) -> ChatResult:
-        result.status = STATUS_FAILED
-        self._fill_error(result, last)
-        result.error_type = DeadlineExceeded.error_type
-        why = f"; last error: {last.error_type}: {last.message}" if last is not None else ""
-        result.error_message = (
-            f"deadline of {self.config.timeout:g}s exceeded after {attempts} attempt(s){why}"
+        gate.release(ticket, outcome.signal, err.retry_after)
+        self.health.note_error(err)
+        job.last = err
+        if err.retry_after is None:
+            job.counted += 1
+        if isinstance(err, InvalidResponse):
+            job.invalid += 1
+        if isinstance(err, DeadlineExceeded):
+            job.state = _DONE
+            self._finish_deadline(job)
+            return
+        cfg = self.config
+        now = self._now()
+        decision = next_delay(
+            job.attempts, err, now=now, deadline=job.deadline, backoff=cfg.backoff,
+            rand=self._rand(), invalid_responses=job.invalid,
+            max_invalid_responses=cfg.max_invalid_responses, counted_attempts=job.counted,
+            max_attempts=cfg.max_attempts, min_attempt_seconds=cfg.min_attempt_window,
         )
-        result.retryable = True
-        result.attempts = attempts
-        result.latency_ms = (now - first_send) * 1000.0 if first_send is not None else 0.0
-        return result
+        if not decision.give_up:
+            job.state = _PARKED
+            self._parked.add(job)
+            job.timer = self._at(now + decision.delay, self._unpark, job)
+            return
+        job.state = _DONE
+        if decision.reason == DEADLINE:
+            self._finish_deadline(job)
+            return
+        if decision.reason == "attempts_exhausted":
+            message = f"gave up after {job.attempts} attempt(s) (max_attempts={cfg.max_attempts})"
+            failed(result, error_type=decision.reason, last=err, attempts=job.attempts,
+                   latency_s=now - job.first_send, retryable=True, message=message,  # type: ignore[operator]
+                   request_id=rid)
+        else:
+            failed(result, error_type=err.error_type, last=err, attempts=job.attempts,
+                   latency_s=now - job.first_send, retryable=err.retryable, request_id=rid)  # type: ignore[operator]
+        self._deliver_failed(job, result)
+
+    def _unpark(self, job: _Job) -> None:
+        job.timer = None
+        if job.state == _PARKED:
+            self._parked.discard(job)
+            self._enqueue(job)
+
+    def _finish_deadline(self, job: _Job) -> None:
+        now = self._now()
+        result = ChatResult(job.request.custom_id, STATUS_OK, model=job.model)
+        failed(
+            result, error_type=DEADLINE, last=job.last, attempts=job.attempts,
+            latency_s=now - job.first_send if job.first_send is not None else 0.0,
+            retryable=True, request_id=job.rid,
+            message=f"deadline of {self.config.timeout:g}s exceeded after {job.attempts} attempt(s)",
+        )
+        self._deliver_failed(job, result)
+
+    def _deliver_failed(self, job: _Job, result: ChatResult) -> None:
+        self.failed += 1
+        if result.request_json is None:
+            result.request_json = job.request.raw or job.payload.decode()
+        self._deliver(job, result)
+
+    def _deliver(self, job: _Job, result: ChatResult) -> None:
+        job.state = _DONE
+        if job.owner is not None:
+            jobs = self._owners.get(job.owner)
+            if jobs is not None:
+                jobs.discard(job)
+                if not jobs:
+                    del self._owners[job.owner]
+        self.redactor.result(result)
+        try:
+            job.done(result)
+        except Exception:  # noqa: BLE001 - a sink that fails must not kill a worker
+            log.exception("arkbatch: result callback failed for %s", self._redact(result.custom_id))
+

@@ -41,21 +41,70 @@ def _check_range(name: str, value: float, lo: float, hi: float, unit: str = "") 
         raise ValueError(f"{name} must be in {lo:g}..{hi:g}{unit}, got {value!r}")
 
 
-def _freeze_headers(headers: Mapping[str, str] | tuple[tuple[str, str], ...] | None) -> tuple:
+# Header names that carry credentials: their values must come from the worker's environment
+# (Endpoint.secret_headers), never from the config that is pickled into the pipeline graph.
+_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "password", "cookie", "credential", "signature")
+
+
+def _is_secret_header(name: str) -> bool:
+    low = name.lower()
+    return any(word in low for word in _SECRET_HEADER_WORDS)
+
+
+def _freeze_headers(
+    headers: Mapping[str, str] | tuple[tuple[str, str], ...] | None, field: str = "headers"
+) -> tuple:
     if not headers:
         return ()
     items = headers.items() if isinstance(headers, Mapping) else headers
     out = []
     for k, v in items:
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise ValueError(f"headers must map str to str, got {k!r}: {type(v).__name__}")
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise ValueError(f"{field} must map str to str, got {k!r}: {type(v).__name__}")
         if k.lower() == "authorization":
             raise ValueError(
-                "headers must not carry Authorization: the key is read from the "
+                f"{field} must not carry Authorization: the key is read from the "
                 "environment variable named by api_key_env"
+            )
+        if field == "headers" and _is_secret_header(k):
+            raise ValueError(
+                f"headers must not carry credentials ({k!r}): they would be pickled into the "
+                f"pipeline graph; name the environment variable that holds it instead, "
+                f"secret_headers={{{k!r}: 'MY_ENV_VAR'}}"
             )
         out.append((k, v))
     return tuple(sorted(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class Keepalive:
+    """TCP keepalive on every client socket, so a connection dropped silently is noticed.
+
+    Ark may hold a batch request for minutes to hours; NAT gateways and load balancers drop
+    idle connections without a FIN (Cloud NAT after 1,200 s). With keepalive the kernel probes
+    an idle connection after ``idle`` seconds, every ``interval`` seconds, and gives up after
+    ``count`` unanswered probes: the attempt fails as a connection error and is retried.
+
+    Example:
+        >>> k = Keepalive()
+        >>> (k.idle, k.interval, k.count)
+        (60, 15, 4)
+    """
+
+    idle: int = 60
+    interval: int = 15
+    count: int = 4
+
+    def __post_init__(self) -> None:
+        _check_int("keepalive.idle", self.idle, 1, 7200, " s")
+        _check_int("keepalive.interval", self.interval, 1, 600, " s")
+        _check_int("keepalive.count", self.count, 1, 50)
+
+
+def _check_int(name: str, value: int, lo: int, hi: int, unit: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer in {lo}..{hi}{unit}, got {value!r}")
+    _check_range(name, value, lo, hi, unit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +143,11 @@ class Endpoint:
             OpenAI-compatible server).
         api_key_env: name of the environment variable holding the key, read in the worker.
             An empty string sends no ``Authorization`` header (local servers).
-        headers: extra request headers (never ``Authorization``).
+        headers: extra request headers (never ``Authorization`` or another credential: a
+            header whose name says key, token, secret, auth, password or cookie is refused).
+        secret_headers: headers whose *values* are read from the environment in the worker,
+            as ``{header name: environment variable}``, e.g. ``{"X-Api-Key": "MY_KEY"}``; like
+            the key they never enter the pickled config, the graph or the display data.
 
     Example:
         >>> Endpoint("gpt-x", base_url="http://127.0.0.1:8000/v1", path="/chat/completions").url
@@ -106,6 +159,7 @@ class Endpoint:
     path: str = ARK_BATCH_PATH
     api_key_env: str = DEFAULT_API_KEY_ENV
     headers: tuple[tuple[str, str], ...] = ()
+    secret_headers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
@@ -120,6 +174,10 @@ class Endpoint:
             raise ValueError("api_key_env must be an environment variable name (str)")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         object.__setattr__(self, "headers", _freeze_headers(self.headers))
+        object.__setattr__(self, "secret_headers", _freeze_headers(self.secret_headers, "secret_headers"))
+        clash = {k.lower() for k, _ in self.headers} & {k.lower() for k, _ in self.secret_headers}
+        if clash:
+            raise ValueError(f"headers and secret_headers both set {sorted(clash)}")
 
     @property
     def url(self) -> str:
@@ -163,6 +221,16 @@ class ClientConfig:
         progress_seconds: every this-many seconds each worker process logs one progress
             line (done, ok, failed, in flight, queued, rate, paused) at INFO on the
             ``arkbatch_beam`` logger; 0 turns it off (0 or 1..86400, default 30).
+        max_attempts: most attempts that fail without the server announcing a wait (5xx,
+            resets, timeouts, invalid answers), 0..10000, default 20; a 429/503 that names a
+            ``Retry-After`` and an announced pause do not count (the server asked us to wait).
+            ``0`` means "until the deadline" (Ark's SDK). The failure row's ``error_type``
+            says which limit ended a request: ``attempts_exhausted`` or ``deadline_exceeded``.
+        min_attempt_seconds: no attempt starts with less than this much of the deadline left
+            (0..3600, default 1 s; at most half of ``timeout`` is used): the request ends as
+            ``deadline_exceeded`` instead of paying for an answer it would throw away.
+        keepalive: TCP keepalive for every connection (:class:`Keepalive`), or ``None``
+            to leave the operating system's default (usually off).
         max_requests_per_second: optional bound on how many requests (attempts, retries
             included) one worker process starts per second per model, 0.01..100000, on
             average (bursts of at most 0.1 s worth); a fleet's share of a quota: e.g.
@@ -183,6 +251,9 @@ class ClientConfig:
     max_invalid_responses: int = 3
     progress_seconds: float = 30.0
     max_requests_per_second: float | None = None
+    max_attempts: int = 20
+    min_attempt_seconds: float = 1.0
+    keepalive: Keepalive | None = dataclasses.field(default_factory=Keepalive)
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoint, str):
@@ -205,6 +276,15 @@ class ClientConfig:
             _check_range("progress_seconds", self.progress_seconds, 1, 86400, " s (or 0: off)")
         if self.max_requests_per_second is not None:
             _check_range("max_requests_per_second", self.max_requests_per_second, 0.01, 100_000.0)
+        _check_int("max_attempts", self.max_attempts, 0, 10_000, " (0: until the deadline)")
+        _check_range("min_attempt_seconds", self.min_attempt_seconds, 0.0, 3600.0, " s")
+        if self.keepalive is not None and not isinstance(self.keepalive, Keepalive):
+            raise ValueError(f"keepalive must be a Keepalive or None, got {self.keepalive!r}")
+
+    @property
+    def min_attempt_window(self) -> float:
+        """``min_attempt_seconds``, at most half the timeout (what the client applies)."""
+        return min(self.min_attempt_seconds, self.timeout / 2.0)
 
     def describe(self) -> dict[str, Any]:
         """A flat, key-free description (for display_data and logs)."""
@@ -217,6 +297,13 @@ class ClientConfig:
             "attempt_timeout_s": self.attempt_timeout or 0.0,
             "connect_timeout_s": self.connect_timeout,
             "max_requests_per_second": self.max_requests_per_second or 0.0,
+            "max_attempts": self.max_attempts,
+            "min_attempt_seconds": self.min_attempt_seconds,
+            "tcp_keepalive": (
+                f"idle {self.keepalive.idle}s interval {self.keepalive.interval}s x{self.keepalive.count}"
+                if self.keepalive else "off"
+            ),
+            "secret_headers": ",".join(f"{k}<-${v}" for k, v in self.endpoint.secret_headers),
             "backoff": f"{self.backoff.initial:g}s x{self.backoff.factor:g} "
             f"cap {self.backoff.max_delay:g}s jitter {self.backoff.jitter:g}",
         }

@@ -6,6 +6,11 @@ and timestamp of their input. At most ``max_pending`` requests are outstanding p
 when full, ``process`` blocks on the first to complete (back-pressure), never on a whole
 batch, so one slow request never idles the other slots. ``finish_bundle`` drains the rest.
 
+A bundle owns its requests: when it fails or is abandoned (an error here or in a fused step
+after this one; the runner then tears the DoFn down, or starts another bundle on it), its
+queued requests are never sent and its in-flight ones are aborted, so the runner's retry of
+the bundle is the only copy that is sent and paid for.
+
 Example:
     >>> import apache_beam as beam
     >>> from arkbatch_beam._dofn import ParseDoFn
@@ -106,6 +111,9 @@ class InferDoFn(beam.DoFn):
     Elements that are already rows (dicts: failures found before inference) pass through.
     """
 
+    # While waiting for results, how often to check that the runtime's loop thread still runs.
+    POLL_SECONDS = 1.0
+
     def __init__(
         self,
         config: ClientConfig,
@@ -121,6 +129,7 @@ class InferDoFn(beam.DoFn):
         self._handoff = max(1, min(handoff, self._max_pending))
         self._include_request = include_request
         self._rt: _runtime.SharedRuntime | None = None
+        self._bundle: object | None = None
 
     def display_data(self) -> dict[str, Any]:
         return self._config.describe()
@@ -141,6 +150,12 @@ class InferDoFn(beam.DoFn):
         self._last_answer = Metrics.distribution(NAMESPACE, "last_answer_ms")
 
     def start_bundle(self) -> None:
+        self._abandon()  # a previous bundle that never finished: it failed; drop its requests
+        if self._rt is None or not self._rt.alive:
+            if self._rt is not None:
+                _runtime.release(self._rt)
+            self._rt = _runtime.acquire(self._config)
+        self._bundle = object()
         # The runtime hands results over in lists (all those completed in one loop iteration).
         self._done: queue.SimpleQueue[list[tuple[Any, ChatResult]]] = queue.SimpleQueue()
         self._outbox: list[tuple[ChatRequest, Any]] = []
@@ -157,6 +172,13 @@ class InferDoFn(beam.DoFn):
         if isinstance(request, dict):  # a failure row from parsing or dedupe: pass it on
             yield beam.pvalue.TaggedOutput(FAILED_TAG, request) if self._split else request
             return
+        try:
+            yield from self._process(request, window, timestamp)
+        except BaseException:  # our error, a fused step's error (GeneratorExit), a kill
+            self._abandon()
+            raise
+
+    def _process(self, request: ChatRequest, window: Any, timestamp: Any):
         self._outbox.append((request, (window, timestamp, request)))
         self._outstanding += 1
         if len(self._outbox) >= self._handoff:
@@ -173,10 +195,15 @@ class InferDoFn(beam.DoFn):
                 yield self._emit(*item)
 
     def finish_bundle(self):
-        self._flush()
-        while self._outstanding > 0:
-            for item in self._get():
-                yield self._emit(*item)
+        try:
+            self._flush()
+            while self._outstanding > 0:
+                for item in self._get():
+                    yield self._emit(*item)
+        except BaseException:
+            self._abandon()
+            raise
+        self._bundle = None  # every request of this bundle has its row
         if self._sent_any:
             self._last_answer.update(self._last_answer_at)
         if self._rt is not None:
@@ -185,27 +212,37 @@ class InferDoFn(beam.DoFn):
                 self._paused.inc(int(round(paused)))
 
     def teardown(self) -> None:
+        self._abandon()
         if self._rt is not None:
             _runtime.release(self._rt)
             self._rt = None
 
     # -- internals -----------------------------------------------------------------------
+    def _abandon(self) -> None:
+        """Cancel the unfinished requests of the current bundle (it failed or was abandoned)."""
+        bundle, self._bundle = self._bundle, None
+        if bundle is not None and self._rt is not None:
+            self._rt.cancel(bundle)
+
     def _flush(self) -> None:
         if self._outbox:
             assert self._rt is not None
+            self._rt.check_alive()
             self._requests.inc(len(self._outbox))
             if not self._sent_any:
                 self._sent_any = True
                 self._first_send.update(wall_mark_ms())
-            self._rt.submit_batch(self._outbox, self._done.put)
+            self._rt.submit_batch(self._outbox, self._done.put, self._bundle)
             self._outbox = []
 
     def _get(self) -> list[tuple[Any, ChatResult]]:
         while True:
             try:
-                return self._received(self._done.get(timeout=5.0))
+                return self._received(self._done.get(timeout=self.POLL_SECONDS))
             except queue.Empty:
                 self._check_fatal()
+                assert self._rt is not None
+                self._rt.check_alive()
 
     def _received(self, items: list[tuple[Any, ChatResult]]) -> list[tuple[Any, ChatResult]]:
         # One wall-clock mark per list handed over by the loop thread, not per element.

@@ -19,26 +19,29 @@ semaphore and Ark's client-side "breaker":
   (at least one token), so in any one-second window the process starts at most
   ``1.1 x max_rate`` requests (``max_rate`` on average), however fast answers come.
 
-Timers use the event loop's clock (``loop.time()``/``loop.call_at``); nothing polls.
+The gate never makes anyone wait: :meth:`PushbackGate.try_acquire` admits now or says no,
+and ``on_wake`` is called whenever a refused caller may be admitted again (a slot came back,
+a pause ended, a token is due). The client's scheduler is its only caller; it owns the
+waiting. Timers use the event loop's clock (``loop.time()``/``loop.call_at``); nothing polls.
 
 Example:
     >>> import asyncio
     >>> async def demo():
-    ...     gate = PushbackGate(2)
-    ...     a, b = await gate.acquire(), await gate.acquire()
+    ...     gate = PushbackGate(2, on_wake=lambda: print("wake"))
+    ...     a, b = gate.try_acquire(), gate.try_acquire()
     ...     print(gate.in_flight, gate.try_acquire())
     ...     gate.release(a, OK)
     ...     gate.release(b, OK)
     ...     print(gate.in_flight)
     >>> asyncio.run(demo())
     2 None
+    wake
     0
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +61,7 @@ class PushbackGate:
         call_at: override for ``loop.call_at`` (tests pass a fake scheduler).
         restart_fraction: after a pause, sending resumes at this fraction of the cap.
         max_rate: optional bound on admissions per second (a token bucket of 0.1 s, >= 1).
+        on_wake: called (in the loop) whenever a refused caller may now be admitted.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class PushbackGate:
         call_at: Callable[..., Any] | None = None,
         restart_fraction: float = 1 / 8,
         max_rate: float | None = None,
+        on_wake: Callable[[], None] | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -84,7 +89,8 @@ class PushbackGate:
         self.limit: float = float(max_concurrency)
         self.in_flight = 0
         self._seq = 0  # admission counter: a ticket is the seq number of its admission
-        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+        self.on_wake = on_wake
+        self._wanted = False  # a try_acquire was refused since the last wake
         # Pause state: no admissions while now < paused_until. _hold_seq is the latest
         # ticket refused with a Retry-After in this pause; an OK for a later ticket lifts it.
         self.paused_until = 0.0
@@ -134,10 +140,16 @@ class PushbackGate:
         return self._tokens >= 1.0
 
     def try_acquire(self) -> int | None:
-        """Admit one request now if the gate allows it; returns its ticket or ``None``."""
-        if self._waiters or not self._can_admit():
-            return None
-        return self._admit()
+        """Admit one request now if the gate allows it; returns its ticket or ``None``.
+
+        After a ``None``, ``on_wake`` is called once the gate may admit again.
+        """
+        if self._can_admit():
+            return self._admit()
+        self._wanted = True
+        if self.max_rate is not None:
+            self._arm_rate_timer()
+        return None
 
     def _admit(self) -> int:
         if self.max_rate is not None:
@@ -146,43 +158,18 @@ class PushbackGate:
         self._seq += 1
         return self._seq
 
-    async def acquire(self) -> int:
-        """Wait for admission (FIFO) and return a ticket to pass back to :meth:`release`."""
-        ticket = self.try_acquire()
-        if ticket is not None:
-            return ticket
-        fut: asyncio.Future[int] = self._get_loop().create_future()
-        self._waiters.append(fut)
-        if self.max_rate is not None:
-            self._arm_rate_timer()
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                # Admitted in the same tick we were cancelled: give the slot (and token) back.
-                if self.max_rate is not None:
-                    self._tokens = min(self._burst, self._tokens + 1.0)
-                self.release(fut.result(), NEUTRAL)
-            else:
-                try:
-                    self._waiters.remove(fut)
-                except ValueError:
-                    pass
-            raise
-
     def _wake(self) -> None:
-        while self._waiters and self._can_admit():
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(self._admit())
-        if self.max_rate is not None:
+        if self._wanted and self.on_wake is not None and self._can_admit():
+            self._wanted = False
+            self.on_wake()
+        elif self._wanted and self.max_rate is not None:
             self._arm_rate_timer()
 
     def _arm_rate_timer(self) -> None:
-        """If waiters wait only for a token, wake them when the next one is due."""
+        """If a refused caller waits only for a token, wake it when the next one is due."""
         assert self.max_rate is not None
-        if (self._rate_timer is not None or not self._waiters
-                or self.in_flight >= self.limit or self.paused or self._has_token()):
+        if (self._rate_timer is not None or self.in_flight >= self.limit or self.paused
+                or self._has_token()):
             return
         due = self.now() + (1.0 - self._tokens) / self.max_rate
         call_at = self._call_at or self._get_loop().call_at
@@ -252,7 +239,7 @@ class PushbackGate:
         self._wake()
 
     def close(self) -> None:
-        """Cancel the timers and fail nobody: waiters are cancelled by their owners."""
+        """Cancel the timers (nobody waits inside the gate)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -13,6 +13,9 @@ Example:
     >>> next_delay(1, RetryableStatus("busy", retry_after=90), now=0.0, deadline=60.0,
     ...            backoff=Backoff()).give_up
     True
+    >>> next_delay(20, RetryableStatus("down", http_status=500), now=0.0, deadline=60.0,
+    ...            backoff=Backoff(), max_attempts=20).reason
+    'attempts_exhausted'
 """
 
 from __future__ import annotations
@@ -106,13 +109,23 @@ def backoff_delay(attempt: int, backoff: Backoff, rand: float) -> float:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Decision:
-    """What to do after a failed attempt: wait ``delay`` seconds, or give up."""
+    """What to do after a failed attempt: wait ``delay`` seconds, or give up.
+
+    ``reason`` (when giving up) is the ``error_type`` of the failure row: the error's own
+    type for one that is not retried, or the limit that ended the request
+    (``deadline_exceeded``, ``attempts_exhausted``, ``invalid_response``).
+    """
 
     delay: float
     give_up: bool
     reason: str = ""
-    # True when the delay is the server's Retry-After (the request must not go before it).
+    # True when the server named the wait (Retry-After): the attempt does not count
+    # against max_attempts, and the request must not go before it.
     server_said: bool = False
+
+
+DEADLINE = "deadline_exceeded"
+EXHAUSTED = "attempts_exhausted"
 
 
 def next_delay(
@@ -125,6 +138,9 @@ def next_delay(
     rand: float = 0.5,
     invalid_responses: int = 0,
     max_invalid_responses: int = 3,
+    counted_attempts: int | None = None,
+    max_attempts: int = 0,
+    min_attempt_seconds: float = 0.0,
 ) -> Decision:
     """Decide what follows attempt number ``attempt`` that ended in ``error``.
 
@@ -133,23 +149,39 @@ def next_delay(
         error: the mapped error of the last attempt.
         now: current time on the same clock as ``deadline``.
         deadline: the request's deadline (first send + timeout).
-        backoff: exponential backoff settings, used when the server named no wait.
+        backoff: exponential backoff settings (0.5 s doubling, capped, with jitter).
         rand: a number in [0, 1) for jitter (pass ``random.random()``).
         invalid_responses: how many invalid 200 answers this request has had so far.
         max_invalid_responses: give up after this many.
+        counted_attempts: attempts so far that failed without the server announcing a wait
+            (this one included); default ``attempt``.
+        max_attempts: give up once ``counted_attempts`` reaches this (0: no limit).
+        min_attempt_seconds: the next attempt must start with at least this much time left.
 
     Returns:
-        A :class:`Decision`. ``give_up`` with reason ``"deadline_exceeded"`` when the wait
-        would end at or after the deadline: nothing ever sleeps past a deadline.
+        A :class:`Decision`. The wait is the backoff schedule's next delay, or the server's
+        ``Retry-After`` when that is longer: an announced wait never shortens the schedule
+        (``Retry-After: 0`` or a date in the past is not "retry now"). Gives up with
+        ``deadline_exceeded`` when the next attempt would start after
+        ``deadline - min_attempt_seconds``: nothing ever sleeps past a deadline.
+
+    Example:
+        >>> from arkbatch_beam._errors import RateLimited
+        >>> next_delay(1, RateLimited("busy", retry_after=0.0), now=0.0, deadline=60.0,
+        ...            backoff=Backoff(jitter=0.0)).delay
+        0.5
     """
     if not error.retryable:
         return Decision(0.0, True, error.error_type)
     if isinstance(error, InvalidResponse) and invalid_responses >= max_invalid_responses:
         return Decision(0.0, True, "invalid_response")
-    if error.retry_after is not None:
-        delay, server_said = error.retry_after, True
-    else:
-        delay, server_said = backoff_delay(attempt, backoff, rand), False
-    if now + delay >= deadline:
-        return Decision(delay, True, "deadline_exceeded", server_said)
+    server_said = error.retry_after is not None
+    counted = attempt if counted_attempts is None else counted_attempts
+    if max_attempts and not server_said and counted >= max_attempts:
+        return Decision(0.0, True, EXHAUSTED)
+    delay = backoff_delay(attempt, backoff, rand)
+    if server_said:
+        delay = max(delay, error.retry_after)
+    if now + delay > deadline - min_attempt_seconds or now + delay >= deadline:
+        return Decision(delay, True, DEADLINE, server_said)
     return Decision(delay, False, "", server_said)

@@ -29,62 +29,81 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import collections
+import atexit
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-from ._client import ArkClient
+from ._client import ArkClient, ClientStats
 from ._config import ClientConfig
 from ._types import ChatRequest, ChatResult
 
 log = logging.getLogger("arkbatch_beam")
 
-Sink = Callable[[Any, ChatResult], None]
 BatchSink = Callable[[list[tuple[Any, ChatResult]]], None]
 
 
+class RuntimeDied(RuntimeError):
+    """The runtime's loop thread is gone: the bundle fails (the runner retries it) and the next
+    :func:`acquire` builds a fresh runtime."""
+
+
 class SharedRuntime:
-    """A daemon thread running an asyncio loop that owns one :class:`ArkClient`."""
+    """A daemon thread running an asyncio loop that owns one :class:`ArkClient`.
+
+    Other threads talk to it only through thread-safe hand-overs (``call_soon_threadsafe``)
+    and read only :attr:`stats`, a frozen snapshot the loop thread publishes (after each
+    batch of results, and every ``STATS_SECONDS``).
+    """
+
+    STATS_SECONDS = 1.0
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.client = ArkClient(config)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="arkbatch-runtime", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run_loop, name="arkbatch-runtime", daemon=True)
         self._thread.start()
         self._paused_reported = 0.0
         self._lock = threading.Lock()
-        # The worker pool (loop thread only): requests wait in ``_queue`` (FIFO) for one of at
-        # most ``max_concurrency`` long-lived worker coroutines, so a request costs a deque
-        # append and pop instead of a task and a gate waiter; parked workers wait in ``_idle``.
-        # The gate inside ``complete`` still decides when each request may be sent.
-        self._queue: collections.deque[tuple[ChatRequest, Any, Any, bool]] = collections.deque()
-        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._workers = 0
-        # A request sleeping before a retry keeps its worker: let the pool grow by one per
-        # sleeper, so a 429 with a long Retry-After never idles the cap (the gate still
-        # bounds what is on the wire, and back-pressure bounds the requests handed over).
-        self.client.on_backoff = self._top_up
+        self._closed = False
+        self.stats = ClientStats()
         # Results for batch sinks, handed over once per loop iteration (one thread hop per batch).
         self._ready: dict[Any, tuple[BatchSink, list[tuple[Any, ChatResult]]]] = {}
         self._flush_handle: asyncio.Handle | None = None
+        self._stats_handle: asyncio.TimerHandle | None = None
         try:
             asyncio.run_coroutine_threadsafe(self.client.start(), self._loop).result()
         except BaseException:
             self._stop_loop()
             raise
         self._progress = _Progress(self) if config.progress_seconds else None
-        if self._progress is not None:
-            self._loop.call_soon_threadsafe(self._progress.schedule)
+        self._loop.call_soon_threadsafe(self._start_timers)
 
     def __repr__(self) -> str:
         return f"SharedRuntime({self.client!r})"
+
+    def _run_loop(self) -> None:
+        try:
+            self._loop.run_forever()
+        except BaseException:  # noqa: BLE001 - the thread ends; waiting bundles notice via alive
+            log.exception("arkbatch runtime: the event loop thread died")
+
+    def _start_timers(self) -> None:
+        if self._progress is not None:
+            self._progress.schedule()
+        self._publish_tick()
+
+    def _publish_tick(self) -> None:
+        self._publish()
+        self._stats_handle = self._loop.call_later(self.STATS_SECONDS, self._publish_tick)
+
+    def _publish(self) -> None:
+        self.stats = self.client.stats()  # one reference assignment: atomic for readers
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -92,77 +111,58 @@ class SharedRuntime:
         return self._loop
 
     @property
+    def alive(self) -> bool:
+        """True while the loop thread runs (any thread may ask)."""
+        return not self._closed and self._thread.is_alive() and self._loop.is_running()
+
+    @property
     def fatal(self) -> str | None:
         """A message when the endpoint rejected every request so far (wrong key or id)."""
-        return self.client.fatal
+        return self.stats.fatal
+
+    def check_alive(self) -> None:
+        """Raise :class:`RuntimeDied` when the loop thread is gone (and forget this runtime)."""
+        if not self.alive:
+            _forget(self)
+            raise RuntimeDied(
+                "the arkbatch runtime's event-loop thread is not running (it died or was closed); "
+                "the bundle fails so that the runner retries it on a fresh runtime"
+            )
 
     def submit(self, request: ChatRequest) -> concurrent.futures.Future[ChatResult]:
         """Schedule one request; returns a thread-safe future."""
         return asyncio.run_coroutine_threadsafe(self.client.complete(request), self._loop)
 
-    def submit_many(self, items: Iterable[tuple[ChatRequest, Any]], sink: Sink) -> None:
-        """Schedule many requests with one thread hop; ``sink(tag, result)`` runs per result.
-
-        ``sink`` is called in the loop thread; it must be quick and thread-safe (a
-        ``queue.SimpleQueue.put`` is the intended use).
-        """
-        self._loop.call_soon_threadsafe(self._enqueue, list(items), sink, False)
-
-    def submit_batch(self, items: Iterable[tuple[ChatRequest, Any]], sink: BatchSink) -> None:
-        """Like :meth:`submit_many`, but ``sink(results)`` gets lists of ``(tag, result)``.
+    def submit_batch(
+        self, items: Iterable[tuple[ChatRequest, Any]], sink: BatchSink, owner: Hashable | None = None
+    ) -> None:
+        """Schedule many requests with one thread hop; ``sink(results)`` gets lists of ``(tag, result)``.
 
         Every result completed in one loop iteration goes out in one call (one thread hop per
-        batch of results, not per result), as soon as that iteration ends.
+        batch of results, not per result). ``sink`` runs in the loop thread; it must be quick
+        and thread-safe (a ``queue.SimpleQueue.put`` is the intended use). ``owner`` (e.g. a
+        bundle) groups the requests for :meth:`cancel`.
         """
-        self._loop.call_soon_threadsafe(self._enqueue, list(items), sink, True)
+        self._loop.call_soon_threadsafe(self._submit, list(items), sink, owner)
 
-    def _enqueue(self, items: list[tuple[ChatRequest, Any]], sink: Any, batch: bool) -> None:
-        queue = self._queue
+    def cancel(self, owner: Hashable) -> None:
+        """Cancel ``owner``'s unfinished requests: queued ones are never sent, in-flight ones
+        are aborted, and no result of theirs is delivered. Other owners are untouched."""
+        if self.alive:
+            self._loop.call_soon_threadsafe(self._cancel, owner)
+
+    def _cancel(self, owner: Hashable) -> None:
+        n = self.client.cancel_owner(owner)
+        if n:
+            log.info("arkbatch: cancelled %d unfinished request(s) of a failed or abandoned bundle", n)
+        self._publish()
+
+    def _submit(self, items: list[tuple[ChatRequest, Any]], sink: BatchSink, owner: Any) -> None:
+        submit, deliver = self.client.submit, self._deliver
         for request, tag in items:
-            queue.append((request, tag, sink, batch))
-        idle = self._idle
-        waiting = len(queue)
-        while idle and waiting:
-            fut = idle.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                waiting -= 1
-        self._spawn(waiting)
+            submit(request, functools.partial(deliver, sink, tag), owner)
 
-    def _spawn(self, waiting: int) -> None:
-        limit = self.config.max_concurrency + self.client.backing_off
-        for _ in range(min(waiting, limit - self._workers)):
-            self._workers += 1
-            self._loop.create_task(self._worker())
-
-    def _top_up(self) -> None:
-        if self._queue and not self._idle:
-            self._spawn(len(self._queue))
-
-    async def _worker(self) -> None:
-        queue, complete, loop = self._queue, self.client.complete, self._loop
-        try:
-            while True:
-                while queue:
-                    request, tag, sink, batch = queue.popleft()
-                    try:
-                        result = await complete(request)
-                    except asyncio.CancelledError:
-                        self._deliver(sink, batch, tag, _cancelled(request))
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - becomes a failure row, never lost
-                        result = _internal_error(request, exc)
-                    self._deliver(sink, batch, tag, result)
-                fut = loop.create_future()
-                self._idle.append(fut)
-                await fut
-        finally:
-            self._workers -= 1
-
-    def _deliver(self, sink: Any, batch: bool, tag: Any, result: ChatResult) -> None:
-        if not batch:
-            sink(tag, result)
-            return
+    def _deliver(self, sink: BatchSink, tag: Any, result: ChatResult) -> None:
         entry = self._ready.get(sink)
         if entry is None:
             entry = self._ready[sink] = (sink, [])
@@ -173,52 +173,61 @@ class SharedRuntime:
     def _flush_ready(self) -> None:
         self._flush_handle = None
         ready, self._ready = self._ready, {}
+        self._publish()
         for sink, results in ready.values():
             sink(results)
 
     def take_paused_seconds(self) -> float:
         """Seconds paused since the last call (so several DoFns never double-count)."""
         with self._lock:
-            total = self.client.paused_seconds
+            total = self.stats.paused_seconds
             delta = total - self._paused_reported
-            self._paused_reported = total
+            self._paused_reported = max(total, self._paused_reported)
             return max(0.0, delta)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Close the client's session and stop the loop thread."""
-        try:
-            asyncio.run_coroutine_threadsafe(self._aclose(), self._loop).result(timeout)
-        except Exception:  # noqa: BLE001 - best effort on shutdown
-            log.warning("arkbatch runtime: session did not close cleanly", exc_info=True)
-        self._stop_loop()
-
     def in_flight(self) -> int:
-        """Requests on the wire now (loop thread; approximate from other threads)."""
-        return sum(g.in_flight for g in self.client._gates.values())
-
-    def paused_for(self) -> float:
-        """Seconds until the longest announced pause ends (0 when not paused)."""
-        now = self._loop.time()
-        return max((g.paused_until - now for g in self.client._gates.values() if g.paused), default=0.0)
+        """Requests on the wire now (as of the last published snapshot)."""
+        return self.stats.in_flight
 
     def queued(self) -> int:
-        """Requests handed to the runtime and waiting for a worker coroutine."""
-        return len(self._queue)
+        """Requests handed to the runtime and waiting for a slot or a retry (last snapshot)."""
+        return self.stats.queued + self.stats.parked
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel every request and task, close the client's session and stop the loop thread."""
+        if self._closed:
+            return
+        if self._thread.is_alive() and self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._aclose(), self._loop).result(timeout)
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                log.warning("arkbatch runtime: session did not close cleanly", exc_info=True)
+        self._closed = True
+        self._stop_loop()
 
     async def _aclose(self) -> None:
+        for handle in (self._stats_handle, self._flush_handle):
+            if handle is not None:
+                handle.cancel()
         if self._progress is not None:
             self._progress.stop()
             if self.client.ok + self.client.failed:
                 log.info("%s (final)", self._progress.line())
-        idle, self._idle = self._idle, collections.deque()
-        for fut in idle:
-            fut.cancel()  # parked workers end; nothing of theirs is pending
         await self.client.close()
+        # Callers' complete() tasks (submit()) and anything else still on the loop: cancel
+        # and await them, so nothing is destroyed while pending.
+        me = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks(self._loop) if t is not me]
+        for task in rest:
+            task.cancel()
+        if rest:
+            await asyncio.gather(*rest, return_exceptions=True)
 
     def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() and not self._loop.is_closed():
             self._loop.close()
 
 
@@ -261,7 +270,8 @@ class _Progress:
             self._handle = None
 
     def line(self) -> str:
-        rt, c = self._rt, self._rt.client
+        rt = self._rt
+        c = rt.client.stats()  # loop thread
         now = rt.loop.time()
         done = c.ok + c.failed
         t0, d0 = self._last
@@ -269,10 +279,10 @@ class _Progress:
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
         text = (
             f"arkbatch progress (pid {os.getpid()}): done={done} ok={c.ok} failed={c.failed} "
-            f"in_flight={rt.in_flight()} queued={rt.queued()} attempts={c.attempts} "
+            f"in_flight={c.in_flight} queued={c.queued} retrying={c.parked} attempts={c.attempts} "
             f"rate={rate:.1f}/s elapsed={now - self._started:.0f}s"
         )
-        paused = rt.paused_for()
+        paused = c.paused_for
         if paused > 0:
             text += f" paused (server asked; {paused:.0f}s left)"
         total = _job_totals.get("lines")
@@ -298,33 +308,34 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _cancelled(request: ChatRequest) -> ChatResult:
-    return ChatResult.failure(
-        request.custom_id, "cancelled", "the runtime shut down before an answer",
-        request_json=request.raw, retryable=True,
-    )
-
-
-def _internal_error(request: ChatRequest, exc: BaseException) -> ChatResult:
-    return ChatResult.failure(
-        request.custom_id, "internal_error", f"{type(exc).__name__}: {exc}",
-        request_json=request.raw, retryable=True,
-    )
-
-
 _registry: dict[tuple[int, ClientConfig], list[Any]] = {}
 _registry_lock = threading.Lock()
 
 
 def acquire(config: ClientConfig) -> SharedRuntime:
-    """The process's runtime for ``config``, created on first use; pair with :func:`release`."""
+    """The process's runtime for ``config``, created on first use; pair with :func:`release`.
+
+    A runtime whose loop thread died is replaced by a fresh one.
+    """
     key = (os.getpid(), config)
     with _registry_lock:
         entry = _registry.get(key)
+        if entry is not None and not entry[0].alive:
+            del _registry[key]
+            entry = None
         if entry is None:
             entry = _registry[key] = [SharedRuntime(config), 0]
         entry[1] += 1
         return entry[0]
+
+
+def _forget(runtime: SharedRuntime) -> None:
+    """Drop a dead runtime from the registry (its holders' release() then does nothing)."""
+    key = (os.getpid(), runtime.config)
+    with _registry_lock:
+        entry = _registry.get(key)
+        if entry is not None and entry[0] is runtime:
+            del _registry[key]
 
 
 def release(runtime: SharedRuntime) -> None:
@@ -339,6 +350,16 @@ def release(runtime: SharedRuntime) -> None:
             return
         del _registry[key]
     runtime.close()
+
+
+@atexit.register
+def _close_all() -> None:
+    """At interpreter exit, close what is still open, so no task is destroyed while pending."""
+    with _registry_lock:
+        entries = [e for (pid, _), e in _registry.items() if pid == os.getpid()]
+        _registry.clear()
+    for runtime, _ in entries:
+        runtime.close(timeout=5.0)
 
 
 def active_runtimes() -> int:

@@ -45,30 +45,47 @@ def make(n, clock):
     return PushbackGate(n, clock=clock.time, call_at=clock.call_at)
 
 
+class Callers:
+    """What the client's scheduler does: callers wait in FIFO order, admitted on ``on_wake``."""
+
+    def __init__(self, gate):
+        self.gate = gate
+        self.waiting = []
+        self.admitted = []
+        self.wakes = 0
+        gate.on_wake = self._on_wake
+
+    def _on_wake(self):
+        self.wakes += 1
+        self.pump()
+
+    def add(self, *names):
+        self.waiting.extend(names)
+        self.pump()
+
+    def pump(self):
+        while self.waiting:
+            t = self.gate.try_acquire()
+            if t is None:
+                return
+            self.admitted.append((self.waiting.pop(0), t))
+
+    def names(self):
+        return [n for n, _ in self.admitted]
+
+
 def test_cap_is_never_exceeded_and_waiters_are_fifo():
     async def main():
         clock = FakeClock()
         gate = make(3, clock)
         tickets = [gate.try_acquire() for _ in range(3)]
         assert None not in tickets and gate.try_acquire() is None
-        order = []
-
-        async def waiter(i):
-            t = await gate.acquire()
-            order.append(i)
-            return t
-
-        tasks = [asyncio.create_task(waiter(i)) for i in range(4)]
-        await asyncio.sleep(0)
-        assert gate.in_flight == 3 and order == []
+        callers = Callers(gate)
+        callers.add(0, 1, 2, 3)
+        assert gate.in_flight == 3 and callers.names() == []
         gate.release(tickets[0], OK)
         gate.release(tickets[1], OK)
-        await asyncio.sleep(0)
-        assert order == [0, 1] and gate.in_flight == 3
-        for t in tasks[2:]:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        assert gate.in_flight == 3
+        assert callers.names() == [0, 1] and gate.in_flight == 3
 
     run(main())
 
@@ -173,12 +190,11 @@ def test_waiters_wake_when_pause_ends():
         gate = make(2, clock)
         t = gate.try_acquire()
         gate.release(t, REFUSED, retry_after=2.0)
-        waiter = asyncio.create_task(gate.acquire())
-        await asyncio.sleep(0)
-        assert not waiter.done()
+        callers = Callers(gate)
+        callers.add("w")
+        assert callers.names() == []
         clock.advance(2.0)
-        await asyncio.sleep(0)
-        assert waiter.done() and gate.in_flight == 1
+        assert callers.names() == ["w"] and gate.in_flight == 1
 
     run(main())
 
@@ -198,16 +214,15 @@ def test_rate_bound_spreads_admissions_over_time_and_wakes_waiters_by_timer():
         for t in tickets:  # answers coming back do not refill it: only time does
             gate.release(t, OK)
         assert gate.try_acquire() is None
-        waiters = [asyncio.create_task(gate.acquire()) for _ in range(3)]
-        await asyncio.sleep(0)
-        assert not any(w.done() for w in waiters)
+        callers = Callers(gate)
+        callers.add("a", "b", "c")
+        assert callers.names() == []
         admitted = []
         for _ in range(6):
             clock.advance(1 / 128)  # half a token per step
-            await asyncio.sleep(0)
-            admitted.append(sum(w.done() for w in waiters))
+            admitted.append(len(callers.admitted))
         assert admitted == [0, 1, 1, 2, 2, 3]  # one every 1/64 s, FIFO, woken by the timer
-        assert gate.in_flight == 3
+        assert callers.names() == ["a", "b", "c"] and gate.in_flight == 3
 
     run(main())
 
@@ -218,22 +233,17 @@ def test_rate_bound_and_pause_together_and_close_cancels_the_timer():
         gate = PushbackGate(100, clock=clock.time, call_at=clock.call_at, max_rate=1.0)
         t = gate.try_acquire()
         gate.release(t, REFUSED, retry_after=5.0)  # announced pause
-        waiter = asyncio.create_task(gate.acquire())
-        await asyncio.sleep(0)
+        callers = Callers(gate)
+        callers.add("first")
         clock.advance(4.0)  # tokens are back, the pause is not over
-        await asyncio.sleep(0)
-        assert not waiter.done()
+        assert callers.names() == []
         clock.advance(1.0)
-        await asyncio.sleep(0)
-        assert waiter.done()
-        second = asyncio.create_task(gate.acquire())  # the bucket (1 token) is empty again
-        await asyncio.sleep(0)
-        assert not second.done()
+        assert callers.names() == ["first"]
+        callers.add("second")  # the bucket (1 token) is empty again
+        assert callers.names() == ["first"]
         gate.close()  # cancels the timer that would have admitted it a second later
         clock.advance(5.0)
-        await asyncio.sleep(0)
-        assert not second.done() and gate.in_flight == 1
-        second.cancel()
+        assert callers.names() == ["first"] and gate.in_flight == 1
 
     run(main())
 
@@ -243,17 +253,17 @@ def test_rejects_impossible_rate():
         PushbackGate(1, max_rate=0)
 
 
-def test_a_waiter_cancelled_in_the_tick_it_was_admitted_gives_its_token_back():
+def test_a_refused_caller_is_woken_once_per_refusal_not_per_release():
     async def main():
         clock = FakeClock()
-        gate = PushbackGate(1, clock=clock.time, call_at=clock.call_at, max_rate=1.0)
-        first = gate.try_acquire()
-        waiter = asyncio.create_task(gate.acquire())
-        await asyncio.sleep(0)
-        clock.advance(1.0)  # a token is due, but the slot is taken
-        gate.release(first, OK)  # slot freed: the waiter is admitted (token taken) ...
-        waiter.cancel()  # ... and cancelled before it ran
-        await asyncio.gather(waiter, return_exceptions=True)
-        assert gate.in_flight == 0 and gate.try_acquire() is not None  # token and slot came back
+        gate = make(2, clock)
+        callers = Callers(gate)
+        a, b = gate.try_acquire(), gate.try_acquire()
+        gate.release(a, OK)  # nobody was refused: no wake
+        assert callers.wakes == 0
+        gate.try_acquire()  # takes the freed slot
+        assert gate.try_acquire() is None  # refused: the next release wakes
+        gate.release(b, OK)
+        assert callers.wakes == 1
 
     run(main())

@@ -39,7 +39,7 @@ def test_progress_line_counts_and_eta(server):
     finally:
         _runtime.release(rt)
         _runtime.set_expected_total(None)
-    assert "done=9 ok=8 failed=1 in_flight=0 queued=0 attempts=9 " in line
+    assert "done=9 ok=8 failed=1 in_flight=0 queued=0 retrying=0 attempts=9 " in line
     assert " of~18 (50.0%) eta=" in line  # 20 lines - 2 skipped = 18 to send; 9 done
     assert "paused" not in line
 
@@ -70,8 +70,7 @@ def test_cli_logs_progress_and_counts_the_inputs(server, tmp_path, caplog):
 
 def test_a_request_backing_off_does_not_hold_a_worker(server):
     """max_concurrency=2 and the first two requests both sleep 2 s before a retry: the others
-    still go through meanwhile (the pool grows by one worker per sleeper; the cap on the wire
-    is the gate's)."""
+    still go through meanwhile (a retry waits on a loop timer, not in a worker)."""
     import queue
 
     from arkbatch_beam import Backoff

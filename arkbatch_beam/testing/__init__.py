@@ -1,4 +1,4 @@
-"""Test helpers for arkbatch_beam: a fake Ark batch-inference server.
+"""Test helpers for arkbatch_beam: a fake Ark batch-inference server and a fake clock.
 
 ``FakeArkServer`` and ``Fault`` are imported lazily so that
 ``python -m arkbatch_beam.testing.fake_server`` does not import the module
@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from arkbatch_beam.testing.fake_clock import FakeClock
+
 if TYPE_CHECKING:
     from arkbatch_beam.testing.fake_server import FakeArkServer, Fault
 
-__all__ = ["FakeArkServer", "Fault"]
+__all__ = ["FakeArkServer", "FakeClock", "Fault"]
 
 
 def __getattr__(name: str) -> Any:
     """Import ``FakeArkServer`` / ``Fault`` from ``fake_server`` on first use."""
-    if name in __all__:
+    if name in ("FakeArkServer", "Fault"):
         from arkbatch_beam.testing import fake_server
 
         return getattr(fake_server, name)

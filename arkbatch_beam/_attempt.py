@@ -1,0 +1,237 @@
+"""One HTTP attempt: the session (credentials from the environment, TCP keepalive), one POST
+with a size cap, and the typed outcome of what came back.
+
+The transport is the client's seam: :class:`HttpTransport` is the real one; tests may give the
+client any ``async (payload, request_id) -> (status, headers, body)`` callable instead (see
+``tests/test_engine.py``), so retry timing is tested on a fake clock without a network.
+
+Credentials are read from the environment here, when the session opens in the worker: the key
+(``Endpoint.api_key_env``) and any ``Endpoint.secret_headers``. They live only in the session's
+default headers and in the :class:`~arkbatch_beam._result.Redactor` that scrubs them from every
+row and log line; never in the config, a repr, or the pipeline graph.
+
+Example:
+    >>> import asyncio
+    >>> from arkbatch_beam import ClientConfig, Endpoint
+    >>> from arkbatch_beam.testing import FakeArkServer
+    >>> async def main(url):
+    ...     t = HttpTransport(ClientConfig(Endpoint("ep", base_url=url, api_key_env="")))
+    ...     await t.start()
+    ...     try:
+    ...         status, _, body = await t(b'{"model":"m","messages":[{"role":"user","content":"x"}]}', "r-1")
+    ...     finally:
+    ...         await t.close()
+    ...     return status, classify(status, {}, body, 0.0).error
+    >>> with FakeArkServer(api_key=None) as server:
+    ...     asyncio.run(main(server.base_url))
+    (200, None)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import socket
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from ._config import ClientConfig, Keepalive
+from ._errors import ArkError, InvalidResponse, RateLimited, error_for_status, mapped_transport_errors
+from ._pacing import NEUTRAL, OK, REFUSED
+from ._result import Redactor
+from ._retry import parse_retry_after
+
+log = logging.getLogger("arkbatch_beam")
+
+# A chat completion is kilobytes; a body beyond this is a broken or hostile server.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+class MissingApiKey(RuntimeError):
+    """The environment variable that should hold the API key (or a secret header) is unset."""
+
+
+class Transport(Protocol):
+    """``await transport(payload, request_id) -> (status, headers, body)``; raises ArkError."""
+
+    async def __call__(self, payload: bytes, request_id: str) -> tuple[int, Mapping[str, str], bytes]: ...
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """What one attempt came to.
+
+    Attributes:
+        error: ``None`` for a 200 (the body is in ``body``), else the mapped error.
+        signal: ``OK``, ``REFUSED`` (the server pushed back and named a time) or ``NEUTRAL``.
+        body: the 200 body.
+    """
+
+    error: ArkError | None
+    signal: str = NEUTRAL
+    body: bytes = b""
+
+
+def classify(status: int, headers: Mapping[str, str], body: bytes, wall_now: float) -> Outcome:
+    """Turn an HTTP answer into an :class:`Outcome` (the only place statuses are read).
+
+    Example:
+        >>> o = classify(429, {"Retry-After": "2"}, b'{"error":{"message":"slow"}}', 0.0)
+        >>> type(o.error).__name__, o.error.retry_after, o.signal
+        ('RateLimited', 2.0, 'refused')
+    """
+    if status == 200:
+        return Outcome(None, OK, body)
+    parsed: Any = None
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        pass
+    retry_after = parse_retry_after(headers, wall_now)
+    err = error_for_status(
+        status, parsed, retry_after=retry_after, text=body[:500].decode("utf-8", "replace")
+    )
+    refused = isinstance(err, RateLimited) or (err.retryable and retry_after is not None)
+    return Outcome(err, REFUSED if refused else NEUTRAL)
+
+
+def keepalive_socket_factory(keepalive: Keepalive | None):
+    """A socket factory for aiohttp that turns TCP keepalive on for every client socket.
+
+    A connection a NAT gateway or load balancer drops silently (Cloud NAT: after 1,200 s idle)
+    is then noticed after ``idle + interval x count`` seconds and the attempt retried, instead
+    of waiting for the request's whole deadline.
+    """
+
+    def factory(addr_info: tuple) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        if keepalive is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; macOS names the idle time differently
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(keepalive.idle))
+            elif hasattr(socket, "TCP_KEEPALIVE"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPALIVE, int(keepalive.idle))
+            if hasattr(socket, "TCP_KEEPINTVL"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, int(keepalive.interval))
+            if hasattr(socket, "TCP_KEEPCNT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, int(keepalive.count))
+        return sock
+
+    return factory
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_credentials(config: ClientConfig) -> tuple[dict[str, str], Redactor]:
+    """Headers holding the key and secret headers, read from the environment now, and a redactor."""
+    ep = config.endpoint
+    headers: dict[str, str] = {}
+    secrets: list[str] = []
+    wanted = list(ep.secret_headers)
+    if ep.api_key_env:
+        wanted.append(("Authorization", ep.api_key_env))
+    for name, env in wanted:
+        value = os.environ.get(env, "")
+        if not value:
+            what = "the API key" if name == "Authorization" else f"the value of header {name}"
+            raise MissingApiKey(
+                f"environment variable {env} is not set: put {what} there (in the worker's "
+                "environment)" + (", or pass api_key_env='' for a server without authentication"
+                                  if name == "Authorization" else "")
+            )
+        headers[name] = f"Bearer {value}" if name == "Authorization" else value
+        secrets.append(value)
+    if secrets and ep.url.startswith("http://") and not _is_loopback(ep.url):
+        log.warning(
+            "arkbatch: sending credentials over plain http:// to %s; anyone on the path can read "
+            "them: use https://", urllib.parse.urlsplit(ep.url).hostname,
+        )
+    return headers, Redactor(secrets)
+
+
+class HttpTransport:
+    """One aiohttp session; ``await transport(payload, rid)`` is one POST.
+
+    The connector has no connection limit of its own: the client's scheduler is the one owner
+    of concurrency (at most ``max_concurrency`` attempts run at once), so no attempt ever waits
+    inside aiohttp's pool, whatever the mix of models.
+    """
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+        self.redactor = Redactor()
+
+    def __repr__(self) -> str:
+        return f"HttpTransport(url={self.config.endpoint.url!r})"
+
+    async def start(self) -> None:
+        """Read the credentials from the environment and open the session (idempotent)."""
+        if self._session is not None:
+            return
+        ep = self.config.endpoint
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers.update(dict(ep.headers))
+        secret_headers, self.redactor = read_credentials(self.config)
+        headers.update(secret_headers)
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            enable_cleanup_closed=True,  # CPython < 3.12.8 leaks aborted SSL transports
+            socket_factory=keepalive_socket_factory(self.config.keepalive),
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=self.config.connect_timeout, sock_read=None
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            timeout=timeout,
+            raise_for_status=False,
+            auto_decompress=True,
+            trust_env=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def __call__(self, payload: bytes, request_id: str) -> tuple[int, Mapping[str, str], bytes]:
+        session = self._session
+        if session is None:
+            raise RuntimeError("transport is not started")
+        with mapped_transport_errors():
+            async with session.post(
+                self.config.endpoint.url, data=payload, headers={"X-Client-Request-Id": request_id}
+            ) as resp:
+                size = resp.content_length
+                if size is not None and size <= MAX_RESPONSE_BYTES:
+                    data = await resp.read()
+                else:  # unknown or too large: read at most the limit, never an endless body
+                    chunks, total = [], 0
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        total += len(chunk)
+                        if total > MAX_RESPONSE_BYTES:
+                            raise InvalidResponse(f"response body over {MAX_RESPONSE_BYTES} bytes")
+                        chunks.append(chunk)
+                    data = b"".join(chunks)
+                return resp.status, resp.headers, data

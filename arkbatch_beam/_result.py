@@ -1,0 +1,182 @@
+"""An answer or an error -> one typed result row: parsing, failure rows, redaction.
+
+Everything that turns what the server said into a :class:`ChatResult` lives here, so there is
+one place where secrets are scrubbed: :meth:`Redactor.result` runs on every row the client
+hands out, ok or failed, whatever path produced it.
+
+Example:
+    >>> r = ChatResult("x", "ok")
+    >>> parse_completion(b'{"id":"c1","choices":[{"message":{"content":"hi"},'
+    ...                  b'"finish_reason":"stop"}],"usage":{"prompt_tokens":2}}', r)
+    >>> r.content, r.finish_reason, r.prompt_tokens
+    ('hi', 'stop', 2)
+    >>> Redactor(["sk-secret"]).text("echo: Bearer sk-secret")
+    'echo: Bearer [redacted]'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from ._errors import ArkError, InvalidResponse
+from ._types import STATUS_FAILED, ChatResult
+
+REDACTED = "[redacted]"
+_INT64 = range(-(2**63), 2**63)
+# Secrets shorter than this are not scrubbed from text (a 1-char "key" would shred every row);
+# the config refuses to send such a key over the network anyway.
+MIN_SECRET_LEN = 4
+
+
+def _int_or_none(v: Any) -> int | None:
+    """An int that fits the int64 columns (a hostile 2**64 must not crash the writer)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v in _INT64 else None
+
+
+def _str_or_none(v: Any) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    return orjson.dumps(v).decode()
+
+
+def parse_completion(data: bytes, result: ChatResult) -> None:
+    """Fill ``result`` from a 200 body; raise :class:`InvalidResponse` if it is not one.
+
+    Example:
+        >>> r = ChatResult("x", "ok")
+        >>> parse_completion(b'{"choices":[{"message":{"content":"hi"}}]}', r)
+        >>> r.content
+        'hi'
+    """
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise InvalidResponse(
+            "200 answer is not valid JSON" + (" (empty body)" if not data else ""),
+            http_status=200,
+        ) from None
+    if not isinstance(obj, dict):
+        raise InvalidResponse("200 answer is not a JSON object", http_status=200)
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise InvalidResponse("200 answer has no choices", http_status=200)
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        message = {}
+    result.response_id = _str_or_none(obj.get("id"))
+    if isinstance(obj.get("model"), str):
+        result.model = obj["model"]
+    result.content = _str_or_none(message.get("content"))
+    result.reasoning_content = _str_or_none(message.get("reasoning_content"))
+    result.finish_reason = _str_or_none(choice.get("finish_reason"))
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        result.prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
+        result.completion_tokens = _int_or_none(usage.get("completion_tokens"))
+        result.total_tokens = _int_or_none(usage.get("total_tokens"))
+        ptd = usage.get("prompt_tokens_details")
+        if isinstance(ptd, dict):
+            result.cached_tokens = _int_or_none(ptd.get("cached_tokens"))
+        ctd = usage.get("completion_tokens_details")
+        if isinstance(ctd, dict):
+            result.reasoning_tokens = _int_or_none(ctd.get("reasoning_tokens"))
+
+
+_STR_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ChatResult) if "str" in str(f.type) and f.name != "status"
+)
+
+
+class Redactor:
+    """Scrubs the process's secrets (the API key, secret header values) from text and rows.
+
+    Its repr names how many secrets it holds, never them.
+
+    Example:
+        >>> red = Redactor(["k-123456"])
+        >>> row = ChatResult("a", "failed", error_message="bad key k-123456")
+        >>> red.result(row).error_message
+        'bad key [redacted]'
+        >>> red
+        Redactor(1 secret(s))
+    """
+
+    __slots__ = ("_secrets",)
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: tuple[str, ...] = tuple(
+            sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LEN}, key=len, reverse=True)
+        )
+
+    def __repr__(self) -> str:
+        return f"Redactor({len(self._secrets)} secret(s))"
+
+    def __bool__(self) -> bool:
+        return bool(self._secrets)
+
+    def text(self, text: str | None) -> str | None:
+        """``text`` with every secret replaced by ``[redacted]``."""
+        if not text or not self._secrets:
+            return text
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def result(self, result: ChatResult) -> ChatResult:
+        """Scrub every text column of ``result`` in place (and return it)."""
+        if self._secrets:
+            for name in _STR_FIELDS:
+                value = getattr(result, name)
+                if value:
+                    setattr(result, name, self.text(value))
+        return result
+
+
+def fill_error(result: ChatResult, err: ArkError | None) -> None:
+    """Copy the server's status, code and message from ``err`` onto ``result``."""
+    if err is not None:
+        result.http_status = err.http_status
+        result.error_code = err.error_code
+        result.error_message = err.message
+
+
+def failed(
+    result: ChatResult,
+    *,
+    error_type: str,
+    last: ArkError | None,
+    attempts: int,
+    latency_s: float,
+    retryable: bool,
+    message: str | None = None,
+    request_id: str | None = None,
+) -> ChatResult:
+    """Turn ``result`` into a failure row.
+
+    Args:
+        result: the row being built (custom_id and model already set).
+        error_type: the ``error_type`` column (the limit or error that ended the request).
+        last: the error of the last attempt, if any (its status, code and message are kept).
+        attempts: attempts made.
+        latency_s: seconds from first send to now.
+        retryable: whether ``--resume`` should send it again.
+        message: overrides the error message (the last error's is appended).
+        request_id: the last attempt's ``X-Client-Request-Id``.
+    """
+    result.status = STATUS_FAILED
+    fill_error(result, last)
+    result.error_type = error_type
+    if message is not None:
+        why = f"; last error: {last.error_type}: {last.message}" if last is not None else ""
+        result.error_message = message + why
+    result.retryable = retryable
+    result.attempts = attempts
+    result.latency_ms = max(0.0, latency_s) * 1000.0
+    result.request_id = request_id
+    return result
