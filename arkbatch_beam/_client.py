@@ -508,15 +508,16 @@ class ArkClient:
             return
         gate.release(ticket, outcome.signal, err.retry_after)
         self.health.note_error(err)
+        if isinstance(err, DeadlineExceeded):  # the row keeps the server's last answer, if any
+            job.last = job.last or err
+            job.state = _DONE
+            self._finish_deadline(job)
+            return
         job.last = err
         if err.retry_after is None:
             job.counted += 1
         if isinstance(err, InvalidResponse):
             job.invalid += 1
-        if isinstance(err, DeadlineExceeded):
-            job.state = _DONE
-            self._finish_deadline(job)
-            return
         cfg = self.config
         now = self._now()
         decision = next_delay(

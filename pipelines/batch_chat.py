@@ -47,8 +47,8 @@ from arkbatch_beam import (
     WriteResults,
     _runtime,
 )
-from arkbatch_beam._client import MissingApiKey
-from arkbatch_beam._config import DEFAULT_MAX_CONCURRENCY, DEFAULT_TIMEOUT
+from arkbatch_beam._attempt import MissingApiKey
+from arkbatch_beam._config import DEFAULT_MAX_CONCURRENCY, DEFAULT_TIMEOUT, Keepalive
 from arkbatch_beam._dofn import NAMESPACE, EndpointUnusable
 from arkbatch_beam._inputs import INPUT_FORMATS, row_to_item
 from arkbatch_beam._sink import FAILURES_DIR, RESULTS_DIR, CompactOutput, part_files
@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-request deadline in seconds, 1..259200 (72 h)")
     p.add_argument("--attempt_timeout", type=float, default=None, help="bound on one attempt, s")
     p.add_argument("--connect_timeout", type=float, default=10.0)
+    p.add_argument("--max_attempts", type=int, default=20,
+                   help="most attempts that fail without the server announcing a wait (0 = until the deadline)")
+    p.add_argument("--min_attempt_seconds", type=float, default=1.0,
+                   help="no attempt starts with less than this much of the deadline left")
+    p.add_argument("--tcp_keepalive_idle", type=int, default=60,
+                   help="seconds a connection may sit idle before TCP keepalive probes start (0 = off)")
+    p.add_argument("--tcp_keepalive_interval", type=int, default=15, help="seconds between keepalive probes")
+    p.add_argument("--tcp_keepalive_count", type=int, default=4,
+                   help="unanswered probes before the connection is dropped")
     p.add_argument("--backoff_initial", type=float, default=0.5)
     p.add_argument("--backoff_max", type=float, default=8.0)
     p.add_argument("--input_format", default="auto",
@@ -138,6 +147,10 @@ def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
             backoff=Backoff(initial=args.backoff_initial, max_delay=args.backoff_max),
             progress_seconds=args.progress_seconds,
             max_requests_per_second=args.max_requests_per_second,
+            max_attempts=args.max_attempts,
+            min_attempt_seconds=args.min_attempt_seconds,
+            keepalive=None if args.tcp_keepalive_idle == 0 else Keepalive(
+                idle=args.tcp_keepalive_idle, interval=args.tcp_keepalive_interval, count=args.tcp_keepalive_count),
         )
         inputs = InputOptions(
             # Parquet rows become chat-form dicts before parsing (see build_pipeline).
@@ -156,6 +169,8 @@ def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
         msg = str(exc)
         if msg.startswith("backoff."):
             msg = "--backoff_" + msg[len("backoff."):].replace("max_delay", "max", 1)
+        elif msg.startswith("keepalive."):
+            msg = "--tcp_keepalive_" + msg[len("keepalive."):]
         else:
             msg = "--" + msg
         raise UsageError(msg) from None

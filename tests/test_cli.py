@@ -58,7 +58,10 @@ def test_cli_end_to_end(server, tmp_path, capsys):
      ("--input_format", "xml", "--input_format must be one of"),
      ("--backoff_max", "0.1", "--backoff_max must be in"),
      ("--part_rows", "0", "--part_rows must be in 1..10000000"),
-     ("--max_requests_per_second", "0", "--max_requests_per_second must be in 0.01..100000")],
+     ("--max_requests_per_second", "0", "--max_requests_per_second must be in 0.01..100000"),
+     ("--max_attempts", "-1", "--max_attempts must be in 0..10000"),
+     ("--min_attempt_seconds", "-1", "--min_attempt_seconds must be in 0..3600"),
+     ("--tcp_keepalive_interval", "0", "--tcp_keepalive_interval must be in 1..600")],
 )
 def test_bad_options_fail_before_the_pipeline(server, tmp_path, capsys, flag, value, text):
     inp = write_jsonl(tmp_path / "in.jsonl", 1)

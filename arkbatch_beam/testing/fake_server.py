@@ -368,13 +368,14 @@ setattr(Fault, "hold", _HoldAccessor())  # noqa: B010
 
 
 class _FaultSlot:
-    """A registered fault and how many more requests it applies to."""
+    """A registered fault, its place in insertion order, and how many more requests it applies to."""
 
-    __slots__ = ("fault", "remaining")
+    __slots__ = ("fault", "remaining", "seq")
 
-    def __init__(self, fault: Fault) -> None:
+    def __init__(self, fault: Fault, seq: int) -> None:
         self.fault = fault
         self.remaining = fault.times
+        self.seq = seq
 
 
 class FakeArkServer:
@@ -437,6 +438,10 @@ class FakeArkServer:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._faults: list[_FaultSlot] = []
+        # Indexes over _faults (same slots): by exact key, and those matching every key, so
+        # a soak with a fault per prompt costs a dict look-up per request, not a scan.
+        self._faults_by_key: dict[str, list[_FaultSlot]] = {}
+        self._faults_any: list[_FaultSlot] = []
         self._callbacks: tuple[Callable[[int], None], ...] = ()
 
         self.total_requests = 0
@@ -595,12 +600,19 @@ class FakeArkServer:
     def add_fault(self, fault: Fault) -> None:
         """Append a scripted fault (thread-safe); faults are tried in insertion order."""
         with self._lock:
-            self._faults.append(_FaultSlot(fault))
+            slot = _FaultSlot(fault, len(self._faults))
+            self._faults.append(slot)
+            if fault.match is None:
+                self._faults_any.append(slot)
+            else:
+                self._faults_by_key.setdefault(fault.match, []).append(slot)
 
     def clear_faults(self) -> None:
         """Remove every scripted fault."""
         with self._lock:
             self._faults.clear()
+            self._faults_by_key.clear()
+            self._faults_any.clear()
 
     def pending_faults(self) -> list[tuple[Fault, int]]:
         """Return ``(fault, remaining)`` for every fault that is not spent yet."""
@@ -712,14 +724,22 @@ class FakeArkServer:
         if not self._faults:
             return None
         with self._lock:
-            for slot in self._faults:
-                if slot.remaining != 0 and (
-                    slot.fault.match is None or slot.fault.match == key
-                ):
-                    if slot.remaining > 0:
-                        slot.remaining -= 1
-                    return slot.fault
-        return None
+            best: _FaultSlot | None = None
+            keyed = self._faults_by_key.get(key)
+            if keyed:
+                while keyed and keyed[0].remaining == 0:
+                    keyed.pop(0)  # spent (it stays listed in _faults)
+                best = keyed[0] if keyed else None
+            for slot in self._faults_any:
+                if slot.remaining != 0:
+                    if best is None or slot.seq < best.seq:
+                        best = slot
+                    break
+            if best is None:
+                return None
+            if best.remaining > 0:
+                best.remaining -= 1
+            return best.fault
 
     def _pause_headers_locked(self, arrived: float) -> dict[str, str] | None:
         """Return the retry header if ``arrived`` falls inside the pause (lock held)."""
