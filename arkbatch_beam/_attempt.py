@@ -127,6 +127,30 @@ def keepalive_socket_factory(keepalive: Keepalive | None):
     return factory
 
 
+class _RedactingFilter(logging.Filter):
+    """Scrubs every secret this process has read from the library's log records (a safety net:
+    no message is built from a secret, but a server's words may echo one)."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+        self.redactor = Redactor()
+
+    def add(self, redactor: Redactor) -> None:
+        self.redactor = Redactor([*self.redactor.secrets, *redactor.secrets])
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.redactor:
+            msg = record.getMessage()
+            clean = self.redactor.text(msg)
+            if clean != msg:
+                record.msg, record.args = clean, None
+        return True
+
+
+_log_filter = _RedactingFilter()
+log.addFilter(_log_filter)
+
+
 def _is_loopback(url: str) -> bool:
     host = urllib.parse.urlsplit(url).hostname or ""
     if host == "localhost":
@@ -156,12 +180,14 @@ def read_credentials(config: ClientConfig) -> tuple[dict[str, str], Redactor]:
             )
         headers[name] = f"Bearer {value}" if name == "Authorization" else value
         secrets.append(value)
+    redactor = Redactor(secrets)
+    _log_filter.add(redactor)
     if secrets and ep.url.startswith("http://") and not _is_loopback(ep.url):
         log.warning(
             "arkbatch: sending credentials over plain http:// to %s; anyone on the path can read "
             "them: use https://", urllib.parse.urlsplit(ep.url).hostname,
         )
-    return headers, Redactor(secrets)
+    return headers, redactor
 
 
 class HttpTransport:

@@ -39,11 +39,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import orjson
@@ -67,6 +68,11 @@ Done = Callable[[ChatResult], None]
 _QUEUED, _RUNNING, _PARKED, _DONE = 0, 1, 2, 3
 # Why an in-flight attempt is aborted.
 _TIMEOUT, _CANCELLED = "timeout", "cancelled"
+
+
+def _resolve(fut: asyncio.Future[ChatResult], result: ChatResult) -> None:
+    if not fut.done():  # the caller may have been cancelled in this very tick
+        fut.set_result(result)
 
 
 class _Job:
@@ -274,24 +280,19 @@ class ArkClient:
         if not self._started:
             await self.start()
         fut: asyncio.Future[ChatResult] = self._loop.create_future()  # type: ignore[union-attr]
-        owner = object()
-
-        def done(result: ChatResult) -> None:
-            if not fut.done():
-                fut.set_result(result)
-
-        self.submit(request, done, owner=owner)
+        job = self.submit(request, functools.partial(_resolve, fut))
         try:
             return await fut
         except asyncio.CancelledError:
-            self.cancel_owner(owner)
+            if job is not None:
+                self._cancel((job,))
             raise
 
-    def submit(self, request: ChatRequest, done: Done, owner: Hashable | None = None) -> None:
+    def submit(self, request: ChatRequest, done: Done, owner: Hashable | None = None) -> _Job | None:
         """Queue ``request``; ``done(result)`` is called once, in the loop, when it ends.
 
         Must be called in the loop thread after :meth:`start`. ``owner`` groups requests
-        for :meth:`cancel_owner`.
+        for :meth:`cancel_owner`. Returns the request's handle (``None`` when it failed at once).
         """
         try:
             model, payload = self._prepare(request)
@@ -299,7 +300,7 @@ class ArkClient:
             self.failed += 1
             done(self.redactor.result(ChatResult.failure(
                 request.custom_id, "invalid_request", str(exc), request_json=request.raw)))
-            return
+            return None
         job = _Job(request, model, payload, done, owner)
         if owner is not None:
             jobs = self._owners.get(owner)
@@ -307,6 +308,7 @@ class ArkClient:
                 jobs = self._owners[owner] = set()
             jobs.add(job)
         self._enqueue(job)
+        return job
 
     def cancel_owner(self, owner: Hashable) -> int:
         """Cancel every unfinished request of ``owner``; returns how many.
@@ -315,8 +317,9 @@ class ArkClient:
         connection is dropped) and their slots freed. No row is delivered for them.
         """
         jobs = self._owners.pop(owner, None)
-        if not jobs:
-            return 0
+        return self._cancel(jobs) if jobs else 0
+
+    def _cancel(self, jobs: Iterable[_Job]) -> int:
         n = 0
         for job in jobs:
             if job.state == _DONE:

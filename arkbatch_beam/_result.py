@@ -119,6 +119,11 @@ class Redactor:
     def __bool__(self) -> bool:
         return bool(self._secrets)
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secrets themselves (for merging redactors; never log this)."""
+        return self._secrets
+
     def text(self, text: str | None) -> str | None:
         """``text`` with every secret replaced by ``[redacted]``."""
         if not text or not self._secrets:

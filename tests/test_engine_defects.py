@@ -341,3 +341,14 @@ def test_a_key_over_plain_http_to_a_remote_host_warns(monkeypatch: pytest.Monkey
     assert "plain http://" not in caplog.text
     read_credentials(ClientConfig(Endpoint("m", base_url="http://10.1.2.3/v3", api_key_env=KEY_ENV)))
     assert "plain http://" in caplog.text and SECRET not in caplog.text
+
+
+def test_library_log_records_are_scrubbed_of_secrets(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    import logging
+
+    from arkbatch_beam._attempt import read_credentials
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    read_credentials(ClientConfig(Endpoint("m", base_url="http://127.0.0.1:1/v3", api_key_env=KEY_ENV)))
+    logging.getLogger("arkbatch_beam").warning("server said %s", f"Bearer {SECRET}")
+    assert "server said Bearer [redacted]" in caplog.text and SECRET not in caplog.text
