@@ -275,14 +275,25 @@ class ArkClient:
     async def complete(self, request: ChatRequest) -> ChatResult:
         """Send one request with retries until it ends; never raises for its failures.
 
-        Cancelling the awaiting task cancels the request (its slot comes back).
+        Cancelling the awaiting task cancels the request (its slot comes back). When nothing
+        is queued and a slot is free, the first attempt runs in the caller's own task (no hop
+        to a worker); it is admitted and counted exactly like a worker's.
         """
         if not self._started:
             await self.start()
         fut: asyncio.Future[ChatResult] = self._loop.create_future()  # type: ignore[union-attr]
-        job = self.submit(request, functools.partial(_resolve, fut))
+        job = self._new_job(request, functools.partial(_resolve, fut), None)
         try:
-            return await fut
+            if job is not None:
+                ticket = None
+                if not self._n_ready and len(self._running) < self.config.max_concurrency and not self._closing:
+                    gate = self._gates.get(job.model) or self.gate(job.model)
+                    ticket = gate.try_acquire()
+                if ticket is None:
+                    self._enqueue(job)
+                else:
+                    await self._attempt(job, gate, ticket, asyncio.current_task())  # type: ignore[arg-type]
+            return fut.result() if fut.done() else await fut
         except asyncio.CancelledError:
             if job is not None:
                 self._cancel((job,))
@@ -294,6 +305,12 @@ class ArkClient:
         Must be called in the loop thread after :meth:`start`. ``owner`` groups requests
         for :meth:`cancel_owner`. Returns the request's handle (``None`` when it failed at once).
         """
+        job = self._new_job(request, done, owner)
+        if job is not None:
+            self._enqueue(job)
+        return job
+
+    def _new_job(self, request: ChatRequest, done: Done, owner: Hashable | None) -> _Job | None:
         try:
             model, payload = self._prepare(request)
         except (ValueError, TypeError, orjson.JSONEncodeError) as exc:
@@ -307,7 +324,6 @@ class ArkClient:
             if jobs is None:
                 jobs = self._owners[owner] = set()
             jobs.add(job)
-        self._enqueue(job)
         return job
 
     def cancel_owner(self, owner: Hashable) -> int:
@@ -385,7 +401,9 @@ class ArkClient:
     def _pick(self) -> tuple[_Job, PushbackGate, int] | None:
         """The next request whose gate admits it now, with its ticket; round-robin over models."""
         ready = self._ready
-        for model in list(ready):
+        if not ready or len(self._running) >= self.config.max_concurrency:
+            return None  # (attempts run by complete() callers count against the cap too)
+        for model in (list(ready) if len(ready) > 1 else tuple(ready)):
             q = ready[model]
             while q and q[0].state != _QUEUED:
                 q.popleft()  # cancelled while queued
@@ -479,6 +497,8 @@ class ArkClient:
             timer.cancel()
             job.worker = None
             self._running.discard(job)
+            if self._n_ready and self._idle:
+                self._kick()  # a slot came back: a worker parked on the cap may go
         if job.abort is not None and task.cancelling():
             task.uncancel()  # the transport swallowed our cancellation: do not leak it
         if job.state == _DONE:  # its owner cancelled it meanwhile

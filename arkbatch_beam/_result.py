@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from ._errors import ArkError, InvalidResponse
-from ._types import STATUS_FAILED, ChatResult
+from ._types import STATUS_FAILED, STATUS_OK, ChatResult
 
 REDACTED = "[redacted]"
 _INT64 = range(-(2**63), 2**63)
@@ -135,6 +135,11 @@ class Redactor:
 
     def result(self, result: ChatResult) -> ChatResult:
         """Scrub every text column of ``result`` in place (and return it)."""
+        if self._secrets and result.status == STATUS_OK and result.response_json is not None:
+            # Every text of an ok row comes from its raw answer: no secret there, none anywhere.
+            raw = result.response_json
+            if not any(secret in raw for secret in self._secrets) and not result.request_json:
+                return result
         if self._secrets:
             for name in _STR_FIELDS:
                 value = getattr(result, name)
