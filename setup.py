@@ -30,6 +30,9 @@ setup(
             "ruff>=0.6,<1",
             "psutil>=5.9,<8",
             "gcp-storage-emulator>=2024.8.3,<2028",
+            # Independent parties the tests hold our client and fake server against.
+            "fakellm>=0.3.5,<0.4",
+            "volcengine-ark-runtime>=5,<6",
         ],
         # Peers for `python -m benchmarks.run` (not needed by the tests).
         "bench": [

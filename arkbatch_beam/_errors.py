@@ -142,8 +142,11 @@ def error_for_status(
         text: raw body text, used (shortened) when there is no JSON message.
     """
     code, msg = _server_error_fields(body)
+    code = code if code and code.strip() else None
+    if msg is not None and not msg.strip():
+        msg = None  # a blank message says nothing: fall back to the body or the status
     if msg is None:
-        msg = text[:500] if text else f"HTTP {status}"
+        msg = text[:500] if text and text.strip() else f"HTTP {status}"
     kw = {"http_status": status, "error_code": code, "retry_after": retry_after}
     if status == 429 or (status == 503 and retry_after is not None):
         return RateLimited(msg, **kw)
