@@ -36,7 +36,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from . import _runtime
 from ._config import ClientConfig
 from ._inputs import InputOptions, parse_input
-from ._types import RESULT_FIELDS, ChatRequest, ChatResult
+from ._types import RESULT_FIELDS, ChatRequest, ChatResult, request_hash
 
 FAILED_TAG = "failed"
 NAMESPACE = "arkbatch"
@@ -269,6 +269,8 @@ class InferDoFn(beam.DoFn):
         else:
             self._failed.inc()
             self._check_fatal()
+        if result.request_sha256 is None:  # the request this row answers (see request_hash)
+            result.request_sha256 = request_hash(request.body)
         if result.attempts > 1:
             self._retries.inc(result.attempts - 1)
         wv = WindowedValue(_to_row(result), timestamp, (window,))

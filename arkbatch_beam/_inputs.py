@@ -1,16 +1,36 @@
-"""Input lines (or dicts) -> :class:`ChatRequest`, or a failure row that says what is wrong.
+r"""Input lines (or dicts) -> :class:`ChatRequest`, or a failure row that says what is wrong.
 
 Formats, detected per line with ``input_format="auto"``:
 
 * **batch**: the OpenAI / Ark batch JSONL form ``{"custom_id", "method"?, "url"?, "body": {...}}``;
 * **chat**: ``{"messages": [...], "id"?|"custom_id"?, other body fields}``;
-* **text**: any line that is not a JSON object: one user prompt (``system`` adds a system
-  message).
+* **text**: any line that is not JSON: one user prompt (``system`` adds a system message). In
+  ``auto``, a line that is JSON but not an object (``[1, 2]``, ``null``, ``42``, ``"s"``, ``true``)
+  is not a prompt but an ``invalid_input`` row; ``input_format="text"`` sends every line as-is.
 
 ``custom_id`` comes from the input when present; otherwise it is derived from the request
 content (sha256 of the canonical JSON body), so the same input yields the same ids on every
-run and every runner. Bad input never raises: it becomes a failed :class:`ChatResult` whose
-``error_type`` names the problem and whose ``request_json`` keeps the original line.
+run and every runner. An integer id is taken as its decimal string (``12`` and ``"12"`` are one id).
+
+Bad input never raises: it becomes a failed :class:`ChatResult` whose ``error_type`` names the
+problem (one of :data:`INPUT_ERROR_TYPES`; each is decided by the line and the options alone, so
+the same line and options always give the same row) and whose ``request_json`` keeps the line:
+
+* as read (decoded) for every error but ``invalid_encoding``; for that one, the raw bytes with
+  ``\\`` for each backslash and ``\xNN`` for each byte that is not UTF-8 text and each control
+  character (so ``codecs.escape_decode(request_json.encode())[0]`` gives the bytes back);
+* at most 64 KiB of it (:data:`MAX_KEPT_LINE_BYTES`: the first 65536 bytes of its UTF-8 text, cut
+  at a character boundary; for ``invalid_encoding``, of its raw bytes, before escaping): a longer
+  line is cut and ``error_message`` then ends with
+  ``"; line of N bytes, sha256 HEX; request_json keeps its first 65536 bytes"`` (N and HEX of the
+  whole line as read, without its line break), so the line can still be found.
+
+Byte lines are decoded strictly: UTF-8 (a leading byte-order mark is dropped) unless
+``input_encoding`` names another codec. A line is *binary* (``invalid_encoding``, never sent) when
+it holds a NUL, or when its control characters -- U+0000..U+001F other than tab, LF, CR, FF and
+VT, plus DEL and the C1 controls U+0080..U+009F -- are more than 10% of its characters. A few
+stray ones (a vertical tab from a spreadsheet cell, a terminal colour code) are fine; random bytes
+hold about 11% C0 controls, or 23% with C1 once a single-byte codec such as latin-1 reads them.
 
 Example:
     >>> opts = InputOptions()
@@ -21,10 +41,15 @@ Example:
     [{'role': 'user', 'content': 'what is 2+2?'}]
     >>> parse_input('{"body": 3}', opts).error_type
     'invalid_input'
+    >>> parse_input(b"caf\xe9", opts).request_json
+    'caf\\xe9'
+    >>> parse_input(b"caf\xe9", InputOptions(input_encoding="latin-1")).body["messages"][0]["content"]
+    'café'
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import re
@@ -32,13 +57,35 @@ from typing import Any
 
 import orjson
 
-from ._types import ChatRequest, ChatResult
+from ._types import ChatRequest, ChatResult, request_hash
 
 INPUT_FORMATS = ("auto", "batch", "chat", "text")
 MAX_REQUEST_BYTES_RANGE = (1024, 64 * 1024 * 1024)
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 _NOT_BODY_KEYS = ("id", "custom_id")
-_CID_RE = re.compile(r'"custom_id"\s*:\s*"([^"\\]{1,256})"')
+MAX_KEPT_LINE_BYTES = 64 * 1024  # a failure row's request_json keeps at most this much of its line
+MAX_ID_CHARS = 512
+_INT64 = (-(2**63), 2**63 - 1)
+INPUT_ERROR_TYPES = frozenset({
+    "invalid_encoding",  # not text in input_encoding (UTF-8 by default), or binary
+    "invalid_json",  # not JSON where JSON is expected
+    "invalid_input",  # JSON of the wrong shape or types (incl. an id that is not a string/integer)
+    "invalid_id",  # an id that cannot be exact: a non-integer number, beyond int64, blank, too long
+    "no_messages",
+    "empty_prompt",
+    "request_too_large",  # body over max_request_bytes
+    "stream_not_allowed",  # stream: true on the batch path
+    "model_mismatch",  # strict_model and a body model that differs
+})
+# Control characters that make a line binary: C0 but tab, LF, VT, FF, CR; DEL; and C1.
+_CONTROL = "".join(chr(c) for c in [*range(32), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\v\f\r")
+_CONTROL_RE = re.compile(f"[{re.escape(_CONTROL)}]")
+_DROP_CONTROL = {ord(c): None for c in _CONTROL}
+# Escapes for request_json of an undecodable line: control characters (all of C0 but tab) and DEL.
+_ESCAPE_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 0x7F] if c != 0x09}
+# What any accepted input_encoding must read as itself: lines are split on b"\n" and JSON is
+# recognised after decoding, so UTF-16/32, EBCDIC and escape-based codecs (utf-7, hz) cannot work.
+_ASCII_PROBE = bytes(range(0x20, 0x7F)) + b"\t\n\r"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +99,16 @@ class InputOptions:
         strict_model: reject a body whose ``model`` differs from ``model``.
         max_request_bytes: larger bodies become ``request_too_large`` failures.
         batch_path: True on Ark's batch path, where ``stream: true`` is rejected.
+        input_encoding: codec of byte lines (any text codec Python knows that reads ASCII as
+            ASCII: ``gbk``, ``gb18030``, ``shift_jis``, ``latin-1``, ...); ``None`` = UTF-8. Either
+            way decoding is strict: a line that does not decode is an ``invalid_encoding`` row.
+            ``str`` and dict items are already text and ignore it.
 
     Example:
         >>> InputOptions(input_format="text", system="Be brief.").system
         'Be brief.'
+        >>> InputOptions(input_encoding="gbk").input_encoding
+        'gbk'
     """
 
     input_format: str = "auto"
@@ -64,6 +117,7 @@ class InputOptions:
     strict_model: bool = False
     max_request_bytes: int = 4 * 1024 * 1024
     batch_path: bool = True
+    input_encoding: str | None = None
 
     def __post_init__(self) -> None:
         if self.input_format not in INPUT_FORMATS:
@@ -75,13 +129,29 @@ class InputOptions:
             raise ValueError(f"max_request_bytes must be in {lo}..{hi}, got {self.max_request_bytes!r}")
         if self.strict_model and not self.model:
             raise ValueError("strict_model needs model to be set")
+        if self.input_encoding is not None and not _reads_ascii(self.input_encoding):
+            raise ValueError(
+                "input_encoding must name a text codec Python knows that reads ASCII as ASCII "
+                f"(e.g. gbk, gb18030, shift_jis, latin-1), got {self.input_encoding!r}"
+            )
+
+
+def _reads_ascii(name: Any) -> bool:
+    if not isinstance(name, str) or not name:
+        return False
+    try:
+        codecs.lookup(name)
+        return _ASCII_PROBE.decode(name) == _ASCII_PROBE.decode("ascii")
+    except (LookupError, UnicodeError):  # unknown, not a text codec (base64), or not ASCII-based
+        return False
 
 
 class _Bad(Exception):
-    def __init__(self, error_type: str, message: str) -> None:
+    def __init__(self, error_type: str, message: str, body: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
+        self.body = body  # the request body, when the problem was found after it was known
 
 
 def derive_id(body: dict[str, Any]) -> str:
@@ -98,8 +168,9 @@ def derive_id(body: dict[str, Any]) -> str:
     return "h-" + hashlib.sha256(canon).hexdigest()[:32]
 
 
-def _line_id(raw: str) -> str:
-    return "line-" + hashlib.sha256(raw.encode("utf-8", "replace")).hexdigest()[:32]
+def _line_id(data: bytes) -> str:
+    """The id of a line that yields none: from its bytes as read (same bytes -> same id)."""
+    return "line-" + hashlib.sha256(data).hexdigest()[:32]
 
 
 def _check_messages(messages: Any) -> None:
@@ -131,94 +202,412 @@ def _check_messages(messages: Any) -> None:
             )
 
 
+def _check_id(value: Any) -> str:
+    """A ``custom_id``/``id`` value -> the id string; raises _Bad for a value that is not one."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Bad("invalid_id", "custom_id is empty")
+        if len(value) > MAX_ID_CHARS:
+            raise _Bad("invalid_id", f"custom_id is {len(value)} characters long, over {MAX_ID_CHARS}")
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise _Bad("invalid_id", f"custom_id {value} is outside the int64 range: write it as a string")
+        return str(value)
+    if isinstance(value, float):  # also what JSON integers beyond 64 bits parse to
+        raise _Bad(
+            "invalid_id",
+            f"custom_id must be a string or a whole number in int64 range, got the number {value!r}: "
+            "write it as a string to keep it exact",
+        )
+    raise _Bad("invalid_input", f"custom_id must be a string or an integer, got {type(value).__name__}")
+
+
+def _is_batch_form(obj: dict[str, Any], fmt: str) -> bool:
+    return fmt == "batch" or (fmt == "auto" and "body" in obj)
+
+
+def _id_value(obj: dict[str, Any], fmt: str) -> Any:
+    """The raw id of a parsed object: ``custom_id`` in batch form; ``custom_id`` else ``id`` in chat form."""
+    if _is_batch_form(obj, fmt):
+        return obj.get("custom_id")
+    return obj.get("custom_id", obj.get("id"))
+
+
 def _normalise(obj: Any, opts: InputOptions) -> tuple[str | None, dict[str, Any]]:
     """(custom_id or None, body) from a parsed JSON object; raises _Bad."""
     if not isinstance(obj, dict):
         raise _Bad("invalid_input", f"a line must be a JSON object, got {type(obj).__name__}")
     fmt = opts.input_format
-    if fmt == "batch" or (fmt == "auto" and "body" in obj):
+    if fmt == "text":
+        raise _Bad("invalid_input", f"input_format {fmt!r} cannot read a JSON object")
+    if _is_batch_form(obj, fmt):
         body = obj.get("body")
         if not isinstance(body, dict):
             raise _Bad("invalid_input", f"'body' must be an object, got {type(body).__name__}")
-        cid = obj.get("custom_id")
         method = obj.get("method")
         if method is not None and str(method).upper() != "POST":
             raise _Bad("invalid_input", f"'method' must be POST, got {method!r}")
-    elif fmt in ("chat", "auto"):
-        cid = obj.get("custom_id", obj.get("id"))
-        body = {k: v for k, v in obj.items() if k not in _NOT_BODY_KEYS}
     else:
-        raise _Bad("invalid_input", f"input_format {fmt!r} cannot read a JSON object")
-    if cid is not None:
-        if isinstance(cid, bool) or not isinstance(cid, (str, int)):
-            raise _Bad("invalid_input", f"custom_id must be a string, got {type(cid).__name__}")
-        cid = str(cid)
-        if not cid.strip():
-            raise _Bad("invalid_input", "custom_id is empty")
-    _check_messages(body.get("messages"))
-    if opts.batch_path and body.get("stream"):
-        raise _Bad("stream_not_allowed", "'stream': true is not allowed on the batch path")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _Bad("invalid_input", f"'model' must be a string, got {type(model).__name__}")
-    if opts.strict_model and model is not None and model != opts.model:
-        raise _Bad("model_mismatch", f"body model {model!r} differs from --model {opts.model!r}")
+        body = {k: v for k, v in obj.items() if k not in _NOT_BODY_KEYS}
+    try:
+        raw_id = _id_value(obj, fmt)
+        cid = None if raw_id is None else _check_id(raw_id)
+        _check_messages(body.get("messages"))
+        if opts.batch_path and body.get("stream"):
+            raise _Bad("stream_not_allowed", "'stream': true is not allowed on the batch path")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _Bad("invalid_input", f"'model' must be a string, got {type(model).__name__}")
+        if opts.strict_model and model is not None and model != opts.model:
+            raise _Bad("model_mismatch", f"body model {model!r} differs from --model {opts.model!r}")
+    except _Bad as bad:
+        bad.body = body  # the row can name the request it refuses (request_sha256)
+        raise
     return cid, body
 
 
-def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatRequest | ChatResult:
-    """One input line or dict -> a request, or a failure row naming the problem."""
-    raw: str
-    obj: Any
-    if isinstance(item, dict):
-        obj = item
+# --- salvaging the id of a line that is not valid JSON -------------------------------------------
+
+_SPACE_RE = re.compile(r"[ \t\n\r]*")
+_STRING_RE = re.compile(r'"[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*"', re.S)
+_SCALAR_RE = re.compile(r'[^ \t\n\r,:{}\[\]"]+')
+_STRUCT_RE = re.compile(r'[{}\[\]"]')
+_CLOSE = {"{": "}", "[": "]"}
+
+
+def _skip_value(text: str, pos: int) -> int | None:
+    """End of the object or array that starts at ``pos``, or None where it stops being well nested."""
+    stack: list[str] = []
+    while True:
+        m = _STRUCT_RE.search(text, pos)
+        if m is None:
+            return None
+        c, pos = m.group(), m.start()
+        if c == '"':
+            s = _STRING_RE.match(text, pos)
+            if s is None:
+                return None
+            pos = s.end()
+            continue
+        if c in _CLOSE:
+            stack.append(_CLOSE[c])
+        elif not stack or stack.pop() != c:
+            return None
+        pos += 1
+        if not stack:
+            return pos
+
+
+def _top_level_members(text: str) -> tuple[list[tuple[str, str | None]], bool]:
+    """The top-level members of a (possibly broken) JSON object line, as far as it is well formed.
+
+    Returns ``([(key, value token or None), ...], complete)``: a member's token is kept only when
+    the value is whole and followed by ``,`` or ``}`` (None: a key whose value is cut or broken),
+    strings are matched whole (so braces and keys inside them do not count), nested values are
+    skipped bracket by bracket, and ``complete`` says the scan reached the object's closing brace.
+    The scan stops at the first thing that is not JSON.
+    """
+    members: list[tuple[str, str | None]] = []
+    pos = _SPACE_RE.match(text).end()
+    if not text.startswith("{", pos):
+        return members, False
+    pos = _SPACE_RE.match(text, pos + 1).end()
+    if text.startswith("}", pos):
+        return members, True
+    while True:
+        m = _STRING_RE.match(text, pos)
+        if m is None:
+            return members, False
         try:
-            raw = orjson.dumps(item).decode()
-        except TypeError as exc:
-            return ChatResult.failure(_line_id(repr(item)), "invalid_input", f"not JSON-serialisable: {exc}")
-        text_line = None
-    else:
-        raw = item.decode("utf-8", "replace") if isinstance(item, bytes) else item
-        text_line = raw.strip().lstrip("\ufeff")  # a byte-order mark on a file's first line
-        obj = None
+            key = orjson.loads(m.group())
+        except orjson.JSONDecodeError:
+            return members, False
+        pos = _SPACE_RE.match(text, m.end()).end()
+        if not text.startswith(":", pos):
+            return members, False
+        pos = _SPACE_RE.match(text, pos + 1).end()
+        token: str | None = None
+        if text.startswith('"', pos):
+            v = _STRING_RE.match(text, pos)
+            end = v.end() if v else None
+            token = v.group() if v else None
+        elif text.startswith(("{", "["), pos):
+            end = _skip_value(text, pos)
+            token = text[pos] if end is not None else None  # "{" / "[": a container, never an id
+        else:
+            v = _SCALAR_RE.match(text, pos)
+            end = v.end() if v else None
+            token = v.group() if v else None
+        if end is None:
+            members.append((key, None))
+            return members, False
+        pos = _SPACE_RE.match(text, end).end()
+        if not text.startswith((",", "}"), pos):
+            members.append((key, None))
+            return members, False
+        members.append((key, token))
+        if text[pos] == "}":
+            return members, True
+        pos = _SPACE_RE.match(text, pos + 1).end()
+
+
+def _salvage_id(text: str, fmt: str, *, replaced: bool = False) -> str | None:
+    """The id a broken line names at its top level, or None when that is not certain.
+
+    ``custom_id`` counts in every form; ``id`` only in chat form (``input_format="chat"``, or
+    ``auto`` when the scan reached the end of the object and found no top-level ``body``). A key
+    that appears twice, a value that is cut, or one that is not a valid id gives None.
+    ``replaced``: ``text`` was decoded with replacement characters, so an id holding one is not
+    the real id.
+    """
+    if fmt == "text":
+        return None
+    members, complete = _top_level_members(text)
+    keys = [k for k, _ in members]
+    names: tuple[str, ...] = ("custom_id",)
+    if fmt == "chat" or (fmt == "auto" and complete and "body" not in keys):
+        names = ("custom_id", "id")
+    for name in names:
+        found = [tok for k, tok in members if k == name]
+        if not found:
+            continue
+        if len(found) > 1 or found[0] is None or found[0] in ("{", "["):
+            return None
+        try:
+            value = orjson.loads(found[0])
+            cid = None if value is None else _check_id(value)
+        except (orjson.JSONDecodeError, _Bad):
+            return None
+        if cid is None or (replaced and "\ufffd" in cid):
+            return None
+        return cid
+    return None
+
+
+# --- bytes, encodings and what a failure row keeps -----------------------------------------------
+
+
+def _escape_bytes(data: bytes) -> str:
+    r"""Bytes -> readable text: ``\\`` for a backslash, ``\xNN`` for non-UTF-8 bytes and controls.
+
+    Example:
+        >>> print(_escape_bytes(b"caf\xe9 \\ \x00 \xe4\xb8\xad"))
+        caf\xe9 \\ \x00 中
+    """
+    return data.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace").translate(_ESCAPE_CONTROL)
+
+
+def _binary_reason(text: str) -> str | None:
+    """Why a decoded line is binary rather than text, or None (see the module docstring)."""
+    if _CONTROL_RE.search(text) is None:
+        return None
+    if "\x00" in text:
+        return "it holds NUL characters"
+    n = len(text) - len(text.translate(_DROP_CONTROL))
+    if n * 10 > len(text):
+        return f"{n} of its {len(text)} characters are control characters"
+    return None
+
+
+def _encoding_hint(data: bytes) -> str:
+    if data.startswith(b"\x1f\x8b"):
+        return "; it starts like gzip data: name a compressed file *.gz"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "; it starts with a UTF-16 byte-order mark: convert the file to UTF-8"
+    return ""
+
+
+def _decode(data: bytes, encoding: str | None) -> str:
+    """A byte line -> text, strictly; raises _Bad("invalid_encoding")."""
     try:
-        if text_line is not None:
-            if opts.input_format == "text" or (opts.input_format == "auto" and not text_line.startswith("{")):
-                if not text_line:
-                    raise _Bad("empty_prompt", "empty line")
-                messages = []
-                if opts.system:
-                    messages.append({"role": "system", "content": opts.system})
-                messages.append({"role": "user", "content": text_line})
-                body: dict[str, Any] = {"messages": messages}
-                cid = None
+        return data.decode(encoding or "utf-8")
+    except UnicodeDecodeError as exc:
+        hint = _encoding_hint(data) or (
+            "; if the file uses another encoding, set input_encoding (e.g. --input_encoding gbk)"
+            if encoding is None else ""
+        )
+        raise _Bad(
+            "invalid_encoding",
+            f"line is not valid {encoding or 'utf-8'} text ({exc.reason} at byte {exc.start}: "
+            f"0x{data[exc.start]:02x}), so it was not sent{hint}",
+        ) from None
+
+
+def _kept_line(data: bytes, text: str | None, escape: bool) -> tuple[str, str]:
+    """(request_json, error_message suffix) for a failure row of this line (see the module docstring)."""
+    cut = len(data) > MAX_KEPT_LINE_BYTES
+    if escape or text is None:
+        kept = _escape_bytes(data[:MAX_KEPT_LINE_BYTES] if cut else data)
+    else:
+        # A character is at least one byte, so the first MAX bytes lie in the first MAX characters.
+        cut = len(text) * 4 > MAX_KEPT_LINE_BYTES and len(text.encode("utf-8")) > MAX_KEPT_LINE_BYTES
+        kept = text
+        if cut:  # cut at a character boundary: "ignore" drops only a character split at the end
+            kept = text[:MAX_KEPT_LINE_BYTES].encode("utf-8")[:MAX_KEPT_LINE_BYTES].decode("utf-8", "ignore")
+    if not cut:
+        return kept, ""
+    return kept, (
+        f"; line of {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}; "
+        f"request_json keeps its first {MAX_KEPT_LINE_BYTES} bytes"
+    )
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array"
+
+
+_NOT_JSON = object()
+
+
+def _auto_text_json(line: str) -> Any:
+    """In ``auto``: what a line that does not start with ``{`` holds as JSON, or _NOT_JSON (a prompt)."""
+    if not line or line[0] not in '["-0123456789tfn':
+        return _NOT_JSON
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        if line[0] == "[" and "depth limit" in str(exc):
+            return []  # nested too deep for the parser, but an array all the same
+        return _NOT_JSON
+
+
+def _text_body(line: str, opts: InputOptions) -> dict[str, Any]:
+    if not line:
+        raise _Bad("empty_prompt", "empty line")
+    messages = []
+    if opts.system:
+        messages.append({"role": "system", "content": opts.system})
+    messages.append({"role": "user", "content": line})
+    return {"messages": messages}
+
+
+def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatRequest | ChatResult:
+    """One input line or dict -> a request, or a failure row naming the problem.
+
+    Byte lines are decoded with ``opts.input_encoding`` (UTF-8 by default), strictly; ``str``
+    lines and dicts are already text.
+
+    Example:
+        >>> parse_input(b'{"custom_id": 12, "messages": [{"role": "user", "content": "hi"}]}',
+        ...             InputOptions()).custom_id
+        '12'
+        >>> parse_input(b"[1, 2, 3]", InputOptions()).error_type
+        'invalid_input'
+        >>> parse_input(b"\\x1f\\x8b\\x08\\x00", InputOptions()).error_type
+        'invalid_encoding'
+    """
+    obj: Any = None
+    text: str | None = None  # the decoded line (None: not decoded yet, or not decodable)
+    data: bytes  # the line's bytes as read (UTF-8 for str and dict items)
+    fmt = opts.input_format
+    if isinstance(item, dict):
+        try:
+            data = orjson.dumps(item)
+        except TypeError as exc:
+            rep = repr(item).encode("utf-8", "backslashreplace")
+            return ChatResult.failure(_line_id(rep), "invalid_input", f"not JSON-serialisable: {exc}")
+        text = data.decode("utf-8")
+        obj = item
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        data = bytes(item)
+    else:
+        text = item
+        data = b""
+    try:
+        if obj is None and text is not None:  # a str line: must be valid Unicode text
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                where = f"U+{ord(text[exc.start]):04X} at character {exc.start}"
+                data, text = text.encode("utf-8", "surrogatepass"), None
+                raise _Bad(
+                    "invalid_encoding",
+                    f"line holds a lone surrogate ({where}): not valid Unicode text, so it was not sent",
+                ) from None
+        if obj is not None:
+            cid, body = _normalise(obj, opts)
+        else:
+            if text is None:
+                text = _decode(data, opts.input_encoding)
+            why = _binary_reason(text)
+            if why is not None:
+                raise _Bad(
+                    "invalid_encoding",
+                    f"line is binary, not text ({why}), so it was not sent{_encoding_hint(data)}",
+                )
+            line = text.strip().lstrip("\ufeff")  # a byte-order mark on a file's first line
+            if fmt == "auto" and not line.startswith("{"):
+                value = _auto_text_json(line)
+                if value is not _NOT_JSON:
+                    raise _Bad(
+                        "invalid_input",
+                        f"a line that is JSON must be an object (a request), got {_json_kind(value)}; "
+                        "input_format='text' sends every line as a prompt",
+                    )
+            if fmt == "text" or (fmt == "auto" and not line.startswith("{")):
+                cid, body = None, _text_body(line, opts)
             else:
                 try:
-                    obj = orjson.loads(text_line)
+                    obj = orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
                     raise _Bad("invalid_json", f"invalid JSON: {exc}") from None
                 cid, body = _normalise(obj, opts)
-        else:
-            cid, body = _normalise(obj, opts)
         size = len(orjson.dumps(body))
         if size > opts.max_request_bytes:
             raise _Bad(
                 "request_too_large",
                 f"request body is {size} bytes, over max_request_bytes={opts.max_request_bytes}",
+                body,
             )
     except _Bad as bad:
-        cid_guess = None
-        if obj is None and bad.error_type == "invalid_json":
-            m = _CID_RE.search(raw)  # salvage the caller's id from a broken line
-            cid_guess = m.group(1) if m else None
-        if isinstance(obj, dict):
-            c = obj.get("custom_id", obj.get("id"))
-            if isinstance(c, (str, int)) and not isinstance(c, bool) and str(c).strip():
-                cid_guess = str(c)
-        return ChatResult.failure(
-            cid_guess or _line_id(raw), bad.error_type, bad.message, request_json=raw
-        )
-    return ChatRequest(cid if cid is not None else derive_id(body), body, raw)
+        return _failure_row(bad, data, text, obj, opts)
+    return ChatRequest(cid if cid is not None else derive_id(body), body, text)
+
+
+def _failure_row(bad: _Bad, data: bytes, text: str | None, obj: Any, opts: InputOptions) -> ChatResult:
+    """The failure row of a line: its id if one is certain (else one from its bytes), a bounded copy.
+
+    ``request_sha256`` names the body (:func:`request_hash`) when the line got as far as having one.
+    """
+    cid: str | None = None
+    if isinstance(obj, dict):
+        try:
+            raw_id = _id_value(obj, opts.input_format)
+            cid = None if raw_id is None else _check_id(raw_id)
+        except _Bad:
+            cid = None
+    elif bad.error_type in ("invalid_json", "invalid_encoding"):  # salvage the caller's id
+        if text is not None:
+            cid = _salvage_id(text.strip().lstrip("\ufeff"), opts.input_format)
+        elif data.lstrip(b" \t\r\xef\xbb\xbf")[:1] == b"{":  # (the gate may skip a byte-order mark)
+            guess = data.decode(opts.input_encoding or "utf-8", "replace").strip().lstrip("\ufeff")
+            cid = _salvage_id(guess, opts.input_format, replaced=True)
+    kept, note = _kept_line(data, text, escape=bad.error_type == "invalid_encoding")
+    return ChatResult.failure(
+        cid or _line_id(data),
+        bad.error_type,
+        bad.message + note,
+        request_json=kept,
+        request_sha256=None if bad.body is None else request_hash(bad.body),
+    )
+
+
+def _drop_none(value: Any) -> Any:
+    """Drop None-valued fields of dicts, at any depth (a Parquet struct's absent fields are None)."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_none(v) for v in value]
+    return value
 
 
 def row_to_item(
@@ -228,11 +617,15 @@ def row_to_item(
 
     The prompt column may hold a string (one user prompt) or a list of message objects.
     A missing or null prompt passes through as-is, so the row becomes a failure row
-    naming the problem rather than disappearing.
+    naming the problem rather than disappearing. In a list of messages, None-valued fields are
+    dropped at every depth (a ``list<struct>`` column gives every message every field of the
+    struct, e.g. ``"name": None``), so the body and its derived id are what the user wrote.
 
     Example:
         >>> row_to_item({"q": "hi", "k": 7}, "q", "k", system="Be brief.")["messages"][-1]
         {'role': 'user', 'content': 'hi'}
+        >>> row_to_item({"q": [{"role": "user", "content": "hi", "name": None}]}, "q")["messages"]
+        [{'role': 'user', 'content': 'hi'}]
     """
     prompt = row.get(prompt_column)
     item: dict[str, Any] = {}
@@ -244,7 +637,7 @@ def row_to_item(
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": prompt})
     elif isinstance(prompt, (list, tuple)):
-        messages = [dict(m) if isinstance(m, dict) else m for m in prompt]
+        messages = [_drop_none(m) if isinstance(m, dict) else m for m in prompt]
     else:
         messages = prompt
     item["messages"] = messages

@@ -34,6 +34,7 @@ OUTPUT_SCHEMA: pa.Schema = pa.schema(
         pa.field("attempts", pa.int32()),
         pa.field("latency_ms", pa.float64()),
         pa.field("request_id", pa.string()),
+        pa.field("request_sha256", pa.string()),  # sha256 hex of the canonical request body
         pa.field("request_json", pa.string()),
         pa.field("response_json", pa.string()),
     ]

@@ -39,7 +39,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from ._schema import OUTPUT_SCHEMA
-from ._types import DUPLICATE, STATUS_OK
+from ._types import DUPLICATE, STATUS_FAILED, STATUS_OK
 
 log = logging.getLogger("arkbatch_beam")
 
@@ -191,37 +191,113 @@ def _write_table_atomic(tables: list[pa.Table], directory: str, schema: pa.Schem
     return final
 
 
+def _conform(table: pa.Table) -> pa.Table:
+    """``table`` with exactly :data:`OUTPUT_SCHEMA`'s columns (a part written before a column was
+    added gets it as nulls, so an older run's output can still be merged and resumed)."""
+    names = set(table.column_names)
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in names else pa.nulls(table.num_rows, f.type)
+        for f in OUTPUT_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=OUTPUT_SCHEMA)
+
+
+def _hash_key(sha: str | None) -> int | None:
+    # 64 bits of the request hash: enough to tell one id's few requests apart, in 36 bytes.
+    return int(sha[:16], 16) if sha else None
+
+
+def _answers_as_duplicates(table: pa.Table) -> pa.Table:
+    """Ok rows answering *another* request than their id's result -> ``duplicate_custom_id`` rows.
+
+    The answer (``content``, tokens, ``response_json``, ...) is kept; only ``status``,
+    ``error_type``, ``error_message`` and ``retryable`` change.
+    """
+    n = table.num_rows
+    message = [
+        f"custom_id {cid!r} was used by another request too, which was answered (that row is the "
+        f"result for this id); this row keeps the answer to this request (request_sha256 {sha})"
+        for cid, sha in zip(table.column("custom_id").to_pylist(),
+                            table.column("request_sha256").to_pylist(), strict=True)
+    ]
+    changes = {
+        "status": pa.array([STATUS_FAILED] * n, pa.string()),
+        "error_type": pa.array([DUPLICATE] * n, pa.string()),
+        "error_message": pa.array(message, pa.string()),
+        "retryable": pa.array([False] * n, pa.bool_()),
+    }
+    for name, values in changes.items():
+        table = table.set_column(table.schema.get_field_index(name), OUTPUT_SCHEMA.field(name), values)
+    return table
+
+
 def compact(output: str, *, rows_per_file: int = 500_000) -> dict[str, int]:
     """Merge the parts under ``output`` into a few files holding each ``custom_id`` once.
 
     An ``ok`` row beats any failure for the same id; among copies of the same kind the newest
-    file wins (a runner's bundle retry, or a resumed run, may have written an id twice). The
-    merged files are made visible atomically before the parts they replace are deleted, so a
-    crash here leaves duplicates for the next run (or ``--resume``) to merge, never a loss.
+    file wins (a runner's bundle retry, or a resumed run, may have written an id twice). An
+    ``ok`` row whose ``request_sha256`` differs from the winner's is not a copy but the answer
+    to another request with the same id (``--no_dedupe``, two inputs numbering their lines
+    alike): it is kept, as a ``duplicate_custom_id`` row under ``failures/`` with its answer,
+    one per (id, request hash). ``duplicate_custom_id`` rows are kept once per (id, request
+    hash, request line). The merged files are made visible atomically before the parts they
+    replace are deleted, so a crash here leaves duplicates for the next run (or ``--resume``)
+    to merge, never a loss.
 
-    Returns the rows kept per folder.
+    Returns the rows kept per folder (after merging; answers moved to ``failures`` count there).
+
+    Example:
+        >>> import tempfile
+        >>> from ._types import ChatResult
+        >>> out = tempfile.mkdtemp()
+        >>> rows = [ChatResult("a", "ok", content=c, request_sha256=h).to_row()
+        ...         for c, h in (("one", "aa" * 32), ("one again", "aa" * 32), ("two", "bb" * 32))]
+        >>> _ = write_parquet_atomic(rows, out + "/results", OUTPUT_SCHEMA)
+        >>> compact(out)
+        {'results': 1, 'failures': 1}
     """
     kept: dict[str, int] = {}
     ok_ids: set[str] = set()
     for kind in (RESULTS_DIR, FAILURES_DIR):
         directory = FileSystems.join(output, kind)
         metas = sorted(part_files(directory), key=lambda m: m.last_updated_in_seconds, reverse=True)
-        # Pass 1: ids only, newest file first -> which rows to keep.
+        # Pass 1: ids (and request hashes) only, newest file first -> which rows to keep.
         seen: set[Any] = set()
+        winner_hash: dict[str, int | None] = {}  # results: the kept row's request, per id
+        others: set[tuple[str, int]] = set()  # results: (id, request) answered besides the winner
         masks: dict[str, pa.Array] = {}
-        dropped = 0
+        moves: dict[str, pa.Array] = {}
+        dropped = moved = 0
         for meta in metas:
-            cols = ["custom_id"] if kind == RESULTS_DIR else ["custom_id", "error_type", "request_json"]
-            got = read_columns(meta.path, cols)
+            if kind == RESULTS_DIR:
+                got = read_columns(meta.path, ["custom_id", "request_sha256"])
+                mask, move = [], []
+                for cid, sha in zip(got["custom_id"], got["request_sha256"], strict=True):
+                    h = _hash_key(sha)
+                    keep = cid not in winner_hash
+                    other = False
+                    if keep:
+                        winner_hash[cid] = h
+                    else:
+                        w = winner_hash[cid]
+                        # Unknown hashes (parts written before the column existed) count as copies.
+                        other = h is not None and w is not None and h != w and (cid, h) not in others
+                        if other:
+                            others.add((cid, h))
+                            moved += 1
+                        else:
+                            dropped += 1
+                    mask.append(keep)
+                    move.append(other)
+                masks[meta.path] = pa.array(mask, pa.bool_())
+                moves[meta.path] = pa.array(move, pa.bool_())
+                continue
+            got = read_columns(meta.path, ["custom_id", "error_type", "request_sha256", "request_json"])
             mask = []
             for i, cid in enumerate(got["custom_id"]):
-                if kind == RESULTS_DIR:
-                    key: Any = cid
-                    keep = key not in seen
-                else:
-                    dup = got["error_type"][i] == DUPLICATE
-                    key = (cid, dup, got["request_json"][i] if dup else None)
-                    keep = key not in seen and (dup or cid not in ok_ids)
+                dup = got["error_type"][i] == DUPLICATE
+                key: Any = (cid, dup, got["request_sha256"][i], got["request_json"][i]) if dup else (cid, dup)
+                keep = key not in seen and (dup or cid not in ok_ids)
                 if keep:
                     seen.add(key)
                 else:
@@ -229,17 +305,26 @@ def compact(output: str, *, rows_per_file: int = 500_000) -> dict[str, int]:
                 mask.append(keep)
             masks[meta.path] = pa.array(mask, pa.bool_())
         if kind == RESULTS_DIR:
-            ok_ids = seen
-        kept[kind] = len(seen)
-        if not metas or (len(metas) == 1 and dropped == 0):
+            ok_ids = set(winner_hash)
+            kept[kind] = len(winner_hash)
+            del winner_hash, others
+        else:
+            kept[kind] = len(seen)
+        if not metas or (len(metas) == 1 and dropped == 0 and moved == 0):
             continue  # nothing to merge
         # Pass 2: rewrite the kept rows in a few large files, then drop the old ones.
         pending: list[pa.Table] = []
         pending_rows = 0
         written = []
+        answers: list[pa.Table] = []
         for meta in metas:
             with FileSystems.open(meta.path) as f:
-                table = pq.read_table(f).cast(OUTPUT_SCHEMA).filter(masks[meta.path])
+                table = _conform(pq.read_table(f))
+            if moved and meta.path in moves:
+                other_answers = table.filter(moves[meta.path])
+                if other_answers.num_rows:
+                    answers.append(_answers_as_duplicates(other_answers))
+            table = table.filter(masks[meta.path])
             if table.num_rows:
                 pending.append(table)
                 pending_rows += table.num_rows
@@ -248,9 +333,15 @@ def compact(output: str, *, rows_per_file: int = 500_000) -> dict[str, int]:
                 pending, pending_rows = [], 0
         if pending:
             written.append(_write_table_atomic(pending, directory, OUTPUT_SCHEMA))
+        if answers:
+            # Visible under failures/ before the parts holding them go; merged just below.
+            failures = FileSystems.join(output, FAILURES_DIR)
+            if not FileSystems.exists(failures):
+                FileSystems.mkdirs(failures)
+            _write_table_atomic(answers, failures, OUTPUT_SCHEMA)
         FileSystems.delete([m.path for m in metas])
-        log.info("compacted %d %s files into %d (%d duplicate rows dropped)",
-                 len(metas), kind, len(written), dropped)
+        log.info("compacted %d %s files into %d (%d duplicate rows dropped, %d answers to another request "
+                 "with the same id moved to %s)", len(metas), kind, len(written), dropped, moved, FAILURES_DIR)
     return kept
 
 
@@ -265,10 +356,16 @@ def part_files(directory: str) -> list[Any]:
 
 
 def read_columns(path: str, columns: list[str]) -> dict[str, list[Any]]:
-    """Some columns of one Parquet file, through Beam's FileSystems (local, gs://, ...)."""
+    """Some columns of one Parquet file, through Beam's FileSystems (local, gs://, ...).
+
+    A column the file does not have (written before that column was added) reads as nulls.
+    """
     with FileSystems.open(path) as f:
-        table = pq.read_table(f, columns=columns)
-    return {c: table.column(c).to_pylist() for c in columns}
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        table = pf.read(columns=[c for c in columns if c in names])
+    n = table.num_rows
+    return {c: table.column(c).to_pylist() if c in names else [None] * n for c in columns}
 
 
 class _CompactDoFn(beam.DoFn):

@@ -50,10 +50,14 @@ class BatchChatInference(beam.PTransform):
             become ``duplicate_custom_id`` failure rows); this shuffle also spreads the work
             across workers. Off: no shuffle at all, so read -> infer -> write stream through
             with flat memory even on the DirectRunner (whose shuffle holds the whole input in
-            memory); a repeated id is then sent again (compaction still keeps one row per id).
+            memory); a repeated id is then sent again (compaction keeps one row per id and
+            request; an answer to another request with the same id, told apart by
+            ``request_sha256``, is kept as a ``duplicate_custom_id`` row under ``failures/``).
         resume_from: an output folder of an earlier run of the same job: ids that already
-            have a final row there are not sent again (see ``--resume``).
-        retry_failed: with ``resume_from``, re-send earlier failures too.
+            have a final row there (an ``ok`` row, or a ``rejected`` one: the server's verdict
+            on a valid request) are not sent again; everything else is read, checked and sent
+            again, so a fixed input or option takes effect (see ``--resume``).
+        retry_failed: with ``resume_from``, re-send ``rejected`` requests too.
         include_request: keep ``request_json`` on ok rows too (failures always keep it).
         max_pending: most outstanding requests per bundle (default 2 x max_concurrency).
     """
@@ -134,7 +138,8 @@ class BatchChatInference(beam.PTransform):
                 done = lines.pipeline | "DoneIds" >> ReadDoneIds(
                     self._resume_from, retry_failed=self._retry_failed
                 )
-            items = items | "Dedupe" >> DedupeAndSkip(done, tagged=False)
+            # Requests cross this shuffle as their input line only and are parsed again after it.
+            items = items | "Dedupe" >> DedupeAndSkip(done, tagged=False, input_options=self.input_options)
         infer = beam.ParDo(
             InferDoFn(
                 self.config,

@@ -50,8 +50,10 @@ from arkbatch_beam import (
 from arkbatch_beam._attempt import MissingApiKey
 from arkbatch_beam._config import DEFAULT_MAX_CONCURRENCY, DEFAULT_TIMEOUT, Keepalive
 from arkbatch_beam._dofn import NAMESPACE, EndpointUnusable
-from arkbatch_beam._inputs import INPUT_FORMATS, row_to_item
+from arkbatch_beam._inputs import INPUT_FORMATS, parse_input, row_to_item
 from arkbatch_beam._sink import FAILURES_DIR, RESULTS_DIR, CompactOutput, part_files
+from arkbatch_beam._types import ChatRequest
+from arkbatch_beam.report import summarize, top_reasons
 
 log = logging.getLogger("arkbatch_beam")
 
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_format", default="auto",
                    help="auto|batch|chat|text|parquet (auto: parquet when --input ends in .parquet, "
                    "else detected per line)")
+    p.add_argument("--input_encoding", default=None,
+                   help="codec of text/JSONL input: gbk, gb18030, shift_jis, latin-1, ... (default: UTF-8). A line "
+                   "that does not decode, or is binary, becomes an invalid_encoding failure row, never a prompt")
     p.add_argument("--prompt_column", default="prompt",
                    help="Parquet input: the column holding the prompt (a string, or a list of messages)")
     p.add_argument("--id_column", default=None,
@@ -105,11 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part_rows", type=int, default=500, help="rows per Parquet part, at most")
     p.add_argument("--part_seconds", type=float, default=5.0, help="part age before it is written")
     p.add_argument("--resume", action="store_true",
-                   help="skip ids that already have a final row under --output")
-    p.add_argument("--retry_failed", action="store_true", help="with --resume, re-send failures too")
+                   help="skip ids that already have a final row under --output (ok, or rejected by the server); "
+                   "everything else is read, checked and sent again")
+    p.add_argument("--retry_failed", action="store_true", help="with --resume, re-send rejected requests too")
     p.add_argument("--no_dedupe", action="store_true",
                    help="no shuffle by custom_id: flat memory on the DirectRunner for very large inputs; "
-                   "a repeated id is sent again (compaction keeps one row); not with --resume")
+                   "a repeated id is sent again (compaction keeps one row per id and request; an answer to "
+                   "another request with the same id is kept as a duplicate_custom_id row); not with --resume")
     p.add_argument("--no_compact", action="store_true", help="leave the parts; do not merge at the end")
     p.add_argument("--no_preflight", action="store_true", help="skip the endpoint reachability check")
     p.add_argument("--progress_seconds", type=float, default=30.0,
@@ -132,6 +139,8 @@ def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
         formats = (*INPUT_FORMATS, "parquet")
         if args.input_format not in formats:
             raise ValueError(f"input_format must be one of {', '.join(formats)}, got {args.input_format!r}")
+        if args.input_encoding and is_parquet(args):
+            raise ValueError("input_encoding applies to text/JSONL input, not Parquet")
         if not args.model and (args.input_format == "text" or is_parquet(args)):
             raise ValueError(f"model is needed with {'Parquet' if is_parquet(args) else 'plain-text'} input "
                              "(its prompts carry no model): pass --model ID")
@@ -160,6 +169,7 @@ def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
             strict_model=args.strict_model,
             max_request_bytes=args.max_request_bytes,
             batch_path=endpoint.is_batch,
+            input_encoding=args.input_encoding,
         )
         if not 1 <= args.part_rows <= 10_000_000:
             raise ValueError(f"part_rows must be in 1..10000000, got {args.part_rows}")
@@ -215,6 +225,36 @@ def check_input(args: argparse.Namespace) -> list[Any]:
             if col is not None and col not in names:
                 raise UsageError(f"{flag} {col!r} is not a column of {files[0].path}; it has: {', '.join(names)}")
     return files
+
+
+# How many lines of the first input file the launcher reads to check that requests name a model.
+MODEL_CHECK_LINES = 200
+
+
+def check_model(args: argparse.Namespace, files: list[Any], inputs: InputOptions) -> None:
+    """Without ``--model``, fail fast when the first lines' requests name no model of their own.
+
+    Otherwise every request would end as an ``invalid_request`` row after a whole job's run.
+    Lines that are not valid requests are left to the job (they become failure rows).
+    """
+    if args.model or is_parquet(args) or not files:
+        return
+    valid = with_model = 0
+    with FileSystems.open(files[0].path) as f:
+        for n, line in enumerate(f):
+            if n >= MODEL_CHECK_LINES:
+                break
+            if not line.strip():
+                continue
+            parsed = parse_input(line.rstrip(b"\r\n"), inputs)
+            if isinstance(parsed, ChatRequest):
+                valid += 1
+                with_model += isinstance(parsed.body.get("model"), str) and bool(parsed.body["model"])
+    if valid and not with_model:
+        raise UsageError(
+            f"the requests in {files[0].path} name no model (checked the first {valid}) and --model is not "
+            "set: pass --model ENDPOINT_ID (an Ark endpoint id, or the model name of an OpenAI-compatible server)"
+        )
 
 
 def count_inputs(args: argparse.Namespace, files: list[Any]) -> int:
@@ -290,8 +330,8 @@ def build_pipeline(
             | "Rows" >> beam.Map(row_to_item, args.prompt_column, args.id_column, args.system)
         )
     else:
-        # Bytes, not str: a line that is not valid UTF-8 becomes a failure row (decoded with
-        # replacement characters), instead of failing the whole pipeline in the reader.
+        # Bytes, not str: parse_input decodes each line strictly (--input_encoding, else UTF-8), so a
+        # line that does not decode becomes an invalid_encoding failure row instead of failing the reader.
         lines = p | "Read" >> beam.io.ReadFromText(args.input, coder=beam.coders.BytesCoder())
     ok, failures = (
         lines
@@ -334,6 +374,7 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
     if config.timeout < 600 and not ep.base_url.startswith(("http://127.", "http://localhost")):
         log.warning("--timeout %gs is below Ark's advised 10 minutes for batch endpoints", config.timeout)
     files = check_input(args)
+    check_model(args, files, inputs)
     if not args.no_preflight:
         preflight(config)
     options = PipelineOptions(beam_args, save_main_session=save_main_session)
@@ -357,12 +398,24 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
     result = p.result
     wall = time.monotonic() - started
     counters, span = _job_metrics(result)
-    ok = counters.get("rows_written_ok", 0)
-    failed = counters.get("rows_written_failed", 0)
     requests = counters.get("requests", 0)
+    try:  # final state per id, read back from the output (what a user will find there)
+        per_id = summarize(output)
+    except Exception:  # noqa: BLE001 - e.g. a runner that wrote nowhere this process can read
+        log.warning("could not read %s back for the per-id counts", output, exc_info=True)
+        per_id = {"ok": 0, "failed": 0, "failures_by_type": {}, "duplicate_rows": 0, "tokens": {}}
+    ok, failed = per_id["ok"], per_id["failed"]
+    reasons = top_reasons(per_id)
     summary = {
+        # Per id (each custom_id once, by its final state), as python -m arkbatch_beam.report says.
         "ok": ok,
         "failed": failed,
+        "failures_by_type": per_id["failures_by_type"],
+        "duplicate_rows": per_id["duplicate_rows"],
+        "tokens": per_id["tokens"],
+        # Rows as written while the job ran (bundle retries and superseded failures included).
+        "rows_written_ok": counters.get("rows_written_ok", 0),
+        "rows_written_failed": counters.get("rows_written_failed", 0),
         "wall_seconds": round(wall, 3),
         "requests": requests,
         "requests_per_second": round(requests / wall, 1) if wall > 0 else 0.0,
@@ -370,7 +423,7 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         "sending_seconds": None if span is None else round(span, 3),
         "sending_requests_per_second": round(requests / span, 1) if span else None,
         **{name: counters.get(name, 0)
-           for name in ("retries", "skipped_done", "duplicates", "prompt_tokens", "completion_tokens")},
+           for name in ("retries", "skipped_done", "duplicates")},
         "output": output,
     }
     try:
@@ -379,7 +432,7 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
     except Exception:  # noqa: BLE001 - the summary file is a convenience
         log.warning("could not write summary.json", exc_info=True)
     print(
-        f"summary: ok={ok} failed={failed} wall={wall:.1f}s "
+        f"summary: ok={ok} failed={failed} " + (f"({reasons}) " if reasons else "") + f"wall={wall:.1f}s "
         f"req/s={summary['requests_per_second']}"
         + (f" (sending {span:.1f}s at {summary['sending_requests_per_second']} req/s)" if span else "")
         + f" skipped={summary['skipped_done']} output={output}",

@@ -148,7 +148,7 @@ def test_parquet_input_with_prompt_and_id_columns(server, tmp_path, capsys):
     assert server.total_requests == 13
     body = json.loads(ok["row-5"]["request_json"])
     assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "p 5"}]
-    assert "summary: ok=13 failed=2 " in capsys.readouterr().out
+    assert "summary: ok=13 failed=1 " in capsys.readouterr().out  # per id: row-3 was answered
 
 
 def test_parquet_input_bad_column_and_missing_input_fail_fast(server, tmp_path, capsys):
@@ -183,7 +183,9 @@ def test_bad_bytes_and_a_bom_never_fail_the_job(server, tmp_path):
     assert batch_chat.main(argv(server, str(tmp_path / "in.jsonl"), out)) == 0
     ok = {r["custom_id"]: r for r in read(out, "results")}
     assert ok["bom-1"]["content"] == "echo: p 1"  # the byte-order mark did not hide the id
-    assert ok["lat-2"]["content"] == "echo: caf\ufffd"  # an invalid byte: replaced, still sent
+    assert "lat-2" not in ok and server.total_requests == 1  # a Latin-1 byte: never sent as "caf?"
+    (bad,) = read(out, "failures")
+    assert bad["error_type"] == "invalid_encoding"
 
 
 def test_text_input_without_model_fails_fast(server, tmp_path, capsys):
@@ -192,3 +194,40 @@ def test_text_input_without_model_fails_fast(server, tmp_path, capsys):
     args[args.index("--model"):args.index("--model") + 2] = []
     assert batch_chat.main(args) == 2
     assert "--model is needed with plain-text input" in capsys.readouterr().err
+
+
+def test_chat_jsonl_without_model_fails_fast_naming_the_flag(server, tmp_path, capsys):
+    # Before: the job ran every line into an invalid_request row and exited 0.
+    inp = write_jsonl(tmp_path / "in.jsonl", 30, extra=["{broken"])
+    args = argv(server, inp, str(tmp_path / "o"))
+    args[args.index("--model"):args.index("--model") + 2] = []
+    assert batch_chat.main(args) == 2
+    err = capsys.readouterr().err
+    assert "name no model" in err and "--model" in err
+    assert server.total_requests == 0 and not (tmp_path / "o").exists()
+
+
+def test_the_summary_counts_ids_and_names_the_top_failure_reasons(server, tmp_path, capsys):
+    for i in (1, 2):
+        server.add_fault(Fault.bad_request("refused by policy", match=f"p {i}"))
+    inp = write_jsonl(tmp_path / "in.jsonl", 10, extra=["{broken"])
+    out = str(tmp_path / "out")
+    assert batch_chat.main(argv(server, inp, out, "--no_compact")) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("summary: ok=8 failed=3 (rejected 2, invalid_json 1) wall="), line
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["failures_by_type"] == {"rejected": 2, "invalid_json": 1}
+    assert summary["rows_written_ok"] == 8 and summary["rows_written_failed"] == 3
+
+
+def test_input_encoding_decodes_a_gbk_file(server, tmp_path, capsys):
+    line = json.dumps({"custom_id": "zh-1", "body": {"messages": [{"role": "user", "content": "十字花科植物"}]}},
+                      ensure_ascii=False)
+    (tmp_path / "in.jsonl").write_bytes(line.encode("gbk") + b"\n")
+    out = str(tmp_path / "out")
+    assert batch_chat.main(argv(server, str(tmp_path / "in.jsonl"), out, "--input_encoding", "gbk")) == 0
+    (row,) = read(out, "results")
+    assert row["custom_id"] == "zh-1" and row["content"] == "echo: 十字花科植物"
+    assert batch_chat.main(argv(server, str(tmp_path / "in.jsonl"), str(tmp_path / "o2"),
+                                "--input_encoding", "no-such-codec")) == 2
+    assert "--input_encoding" in capsys.readouterr().err

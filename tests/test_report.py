@@ -37,3 +37,23 @@ def test_cli_text_and_json(tmp_path, capsys):
     assert main([out, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] == 100
     assert main([str(tmp_path / "empty")]) == 2
+
+
+def test_counts_are_per_id_and_rows_written_apart(tmp_path):
+    # A bundle retry wrote "a" twice; "b" failed on a first run and was answered on --resume;
+    # "c" failed twice (two runs); "d" is an extra input line reusing an id.
+    out = str(tmp_path)
+    write_parquet_atomic([ChatResult("a", "ok", prompt_tokens=10, attempts=1).to_row(),
+                          ChatResult("b", "ok", prompt_tokens=7, attempts=1).to_row()], out + "/results", OUTPUT_SCHEMA)
+    write_parquet_atomic([ChatResult("a", "ok", prompt_tokens=10, attempts=1).to_row()], out + "/results",
+                         OUTPUT_SCHEMA)
+    write_parquet_atomic([ChatResult.failure("b", "deadline_exceeded", "late", retryable=True).to_row(),
+                          ChatResult.failure("c", "rejected", "policy", http_status=400).to_row(),
+                          ChatResult.failure("c", "rejected", "policy", http_status=400).to_row(),
+                          ChatResult.failure("d", "duplicate_custom_id", "again").to_row()],
+                         out + "/failures", OUTPUT_SCHEMA)
+    s = summarize(out)
+    assert (s["ids"], s["ok"], s["failed"], s["duplicate_rows"]) == (3, 2, 1, 1)
+    assert s["tokens"]["prompt_tokens"] == 17  # "a" once
+    assert s["failures_by_type"] == {"rejected": 1} and s["failed_retryable"] == 0
+    assert s["rows_written"] == {"results": 3, "failures": 4} and s["rows"] == 7
