@@ -630,7 +630,7 @@ def row_to_item(
     prompt = row.get(prompt_column)
     item: dict[str, Any] = {}
     if id_column is not None and row.get(id_column) is not None:
-        item["custom_id"] = str(row[id_column])
+        item["custom_id"] = row[id_column]  # checked by parse_input like a JSON id (ints -> decimal strings)
     if isinstance(prompt, str):
         messages: Any = []
         if system:

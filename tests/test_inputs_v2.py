@@ -359,3 +359,12 @@ def test_a_request_is_rebuilt_from_its_raw_text(kw):
         r = parse_input(item, opts)
         if isinstance(r, ChatRequest):
             assert parse_input(r.raw, opts) == r
+
+
+def test_a_parquet_id_column_follows_the_json_id_rules() -> None:
+    from arkbatch_beam._inputs import InputOptions, parse_input, row_to_item
+
+    opts = InputOptions(input_format="chat", model="m")
+    assert parse_input(row_to_item({"q": "hi", "k": 12}, "q", "k"), opts).custom_id == "12"
+    bad = parse_input(row_to_item({"q": "hi", "k": 12.5}, "q", "k"), opts)
+    assert bad.error_type == "invalid_id"  # before: sent as id "12.5"
