@@ -100,8 +100,10 @@ class InputOptions:
         max_request_bytes: larger bodies become ``request_too_large`` failures.
         batch_path: True on Ark's batch path, where ``stream: true`` is rejected.
         input_encoding: codec of byte lines (any text codec Python knows that reads ASCII as
-            ASCII: ``gbk``, ``gb18030``, ``shift_jis``, ``latin-1``, ...); ``None`` = UTF-8. Either
-            way decoding is strict: a line that does not decode is an ``invalid_encoding`` row.
+            ASCII: ``gbk``, ``gb18030``, ``shift_jis``, ``latin-1``, ...); ``None`` = UTF-8. A line
+            that is valid UTF-8 is read as UTF-8 either way (so a file mixing UTF-8 and GBK lines
+            is read right). Decoding is strict: a line that does not decode is an
+            ``invalid_encoding`` row.
             ``str`` and dict items are already text and ignore it.
 
     Example:
@@ -419,7 +421,17 @@ def _encoding_hint(data: bytes) -> str:
 
 
 def _decode(data: bytes, encoding: str | None) -> str:
-    """A byte line -> text, strictly; raises _Bad("invalid_encoding")."""
+    """A byte line -> text, strictly; raises _Bad("invalid_encoding").
+
+    With ``encoding`` set, a line that is valid UTF-8 is still read as UTF-8 (ASCII reads the same
+    either way, and text in GBK, Latin-1, ... is almost never valid UTF-8), so a file that mixes
+    UTF-8 lines with lines in ``encoding`` (two sources concatenated) is read right line by line.
+    """
+    if encoding is not None:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     try:
         return data.decode(encoding or "utf-8")
     except UnicodeDecodeError as exc:

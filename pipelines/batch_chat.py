@@ -435,7 +435,9 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         f"summary: ok={ok} failed={failed} " + (f"({reasons}) " if reasons else "") + f"wall={wall:.1f}s "
         f"req/s={summary['requests_per_second']}"
         + (f" (sending {span:.1f}s at {summary['sending_requests_per_second']} req/s)" if span else "")
-        + f" skipped={summary['skipped_done']} output={output}",
+        + f" skipped={summary['skipped_done']}"
+        + (f" duplicate_rows={summary['duplicate_rows']}" if summary["duplicate_rows"] else "")
+        + f" output={output}",
         flush=True,
     )
     return summary

@@ -368,3 +368,17 @@ def test_a_parquet_id_column_follows_the_json_id_rules() -> None:
     assert parse_input(row_to_item({"q": "hi", "k": 12}, "q", "k"), opts).custom_id == "12"
     bad = parse_input(row_to_item({"q": "hi", "k": 12.5}, "q", "k"), opts)
     assert bad.error_type == "invalid_id"  # before: sent as id "12.5"
+
+
+def test_a_file_mixing_utf8_and_gbk_lines_is_read_right_with_input_encoding() -> None:
+    from arkbatch_beam._inputs import InputOptions, parse_input
+
+    zh = "十字花科植物有哪些"
+    def line(cid: str) -> str:
+        return json.dumps({"custom_id": cid, "messages": [{"role": "user", "content": zh}]}, ensure_ascii=False)
+
+    utf8, gbk = line("u").encode("utf-8"), line("g").encode("gbk")
+    opts = InputOptions(input_encoding="gbk", model="m")
+    for line in (utf8, gbk):
+        assert parse_input(line, opts).body["messages"][0]["content"] == zh  # before: the UTF-8 line garbled
+    assert parse_input(gbk, InputOptions(model="m")).error_type == "invalid_encoding"  # default: never sent
