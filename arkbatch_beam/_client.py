@@ -51,7 +51,14 @@ import orjson
 
 from ._attempt import HttpTransport, MissingApiKey, Outcome, Transport, classify
 from ._config import ClientConfig
-from ._errors import ArkError, AttemptTimeout, DeadlineExceeded, InvalidResponse, map_transport_error
+from ._errors import (
+    ArkError,
+    AttemptTimeout,
+    DeadlineExceeded,
+    InvalidResponse,
+    TransportError,
+    map_transport_error,
+)
 from ._health import FATAL_AFTER, EndpointHealth
 from ._pacing import NEUTRAL, OK, PushbackGate
 from ._result import Redactor, failed, parse_completion
@@ -194,6 +201,7 @@ class ArkClient:
         """Read the credentials from the environment and open the session (idempotent)."""
         if self._started:
             return
+        self._closing = False
         self._loop = asyncio.get_running_loop()
         if self._http is not None:
             await self._http.start()
@@ -201,17 +209,22 @@ class ArkClient:
         self._started = True
 
     async def close(self) -> None:
-        """Stop: cancel every request and worker, await them, close the session.
+        """Stop: cancel every worker and timer, await them, close the session.
 
-        Requests still queued, parked or in flight get no row (their owners are going away
-        too); nothing is left pending on the loop.
+        Every request not finished yet (queued, waiting to retry, or in flight) ends with a
+        ``cancelled`` row (retryable), so no caller of :meth:`complete` waits forever; nothing
+        is left pending on the loop.
         """
         self._closing = True
         for gate in self._gates.values():
             gate.close()
-        for job in list(self._parked):
+        unfinished = [*self._parked, *self._running]
+        for q in self._ready.values():
+            unfinished.extend(j for j in q if j.state == _QUEUED)
+        for job in unfinished:
             if job.timer is not None:
                 job.timer.cancel()
+                job.timer = None
         self._parked.clear()
         self._ready.clear()
         self._n_ready = 0
@@ -221,6 +234,9 @@ class ArkClient:
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
         self._idle.clear()
+        for job in unfinished:
+            if job.state != _DONE:
+                self._finish_cancelled(job)
         if self._http is not None:
             await self._http.close()
         self._started = False
@@ -242,7 +258,7 @@ class ArkClient:
                 max_rate=self.config.max_requests_per_second,
                 clock=self._clock,
                 call_at=self._call_at,
-                on_wake=self._kick,
+                on_wake=lambda: self._kick(g.admittable()),
             )
         return g
 
@@ -369,6 +385,9 @@ class ArkClient:
 
     # -- scheduling ----------------------------------------------------------------------
     def _enqueue(self, job: _Job) -> None:
+        if self._closing:  # nothing will run it: end it now rather than leave its caller waiting
+            self._finish_cancelled(job)
+            return
         job.state = _QUEUED
         q = self._ready.get(job.model)
         if q is None:
@@ -381,9 +400,13 @@ class ArkClient:
             job.timer = self._at(job.deadline - self.config.min_attempt_window, self._expire_queued, job)
         self._kick()
 
-    def _kick(self) -> None:
-        """Wake idle workers (or start new ones) for the requests that are ready."""
-        want = self._n_ready
+    def _kick(self, admittable: int | None = None) -> None:
+        """Wake idle workers (or start new ones) for the requests that are ready: no more than
+        there are free slots (and, when a gate calls, than it can admit), so a freed slot never
+        wakes a herd that goes back to sleep."""
+        want = min(self._n_ready, self.config.max_concurrency - len(self._running))
+        if admittable is not None:
+            want = min(want, admittable)
         idle = self._idle
         while idle and want > 0:
             fut = idle.popleft()
@@ -473,17 +496,23 @@ class ArkClient:
         job.abort = None
         self._running.add(job)
         timer = self._at(ends, self._abort_attempt, job)
+        ours = False  # our own abort's cancellation was consumed here
         try:
             status, headers, body = await self._transport(job.payload, rid)
         except asyncio.CancelledError:
-            if job.abort is None or self._closing:
+            if task.cancelling() == 0:
+                # Nobody cancelled this task: a CancelledError from inside the HTTP client (an
+                # internal future it cancelled). A transport failure, retried like one.
+                outcome = Outcome(TransportError("connection cancelled inside the HTTP client"))
+            elif job.abort is not None and not self._closing and task.uncancel() == 0:
+                ours = True  # our abort alone (timeout or owner): this attempt ends, the task goes on
+                outcome = Outcome(
+                    DeadlineExceeded("deadline reached during an attempt")
+                    if ends >= job.deadline else AttemptTimeout("attempt timed out")
+                )
+            else:  # shutdown, or a caller of complete() cancelled (maybe besides our abort)
                 gate.release(ticket, NEUTRAL)
                 raise
-            task.uncancel()
-            outcome = Outcome(
-                DeadlineExceeded("deadline reached during an attempt")
-                if ends >= job.deadline else AttemptTimeout("attempt timed out")
-            )
         except ArkError as exc:
             outcome = Outcome(exc)
         except Exception as exc:  # noqa: BLE001 - a transport we do not know: map or fail the row
@@ -497,9 +526,9 @@ class ArkClient:
             timer.cancel()
             job.worker = None
             self._running.discard(job)
-            if self._n_ready and self._idle:
-                self._kick()  # a slot came back: a worker parked on the cap may go
-        if job.abort is not None and task.cancelling():
+            if self._n_ready:
+                self._kick()  # a slot came back: a parked (or a new) worker may take it
+        if job.abort is not None and not ours and task.cancelling():
             task.uncancel()  # the transport swallowed our cancellation: do not leak it
         if job.state == _DONE:  # its owner cancelled it meanwhile
             gate.release(ticket, NEUTRAL)
@@ -537,7 +566,7 @@ class ArkClient:
             self._finish_deadline(job)
             return
         job.last = err
-        if err.retry_after is None:
+        if not err.retry_after:  # no wait announced (or a wait of 0): counts against max_attempts
             job.counted += 1
         if isinstance(err, InvalidResponse):
             job.invalid += 1
@@ -549,6 +578,9 @@ class ArkClient:
             max_invalid_responses=cfg.max_invalid_responses, counted_attempts=job.counted,
             max_attempts=cfg.max_attempts, min_attempt_seconds=cfg.min_attempt_window,
         )
+        if not decision.give_up and self._closing:
+            self._finish_cancelled(job)  # a retry that will never run
+            return
         if not decision.give_up:
             job.state = _PARKED
             self._parked.add(job)
@@ -573,6 +605,13 @@ class ArkClient:
         if job.state == _PARKED:
             self._parked.discard(job)
             self._enqueue(job)
+
+    def _finish_cancelled(self, job: _Job) -> None:
+        result = ChatResult.failure(
+            job.request.custom_id, "cancelled", "the client closed before an answer", retryable=True,
+            model=job.model, attempts=job.attempts,
+        )
+        self._deliver_failed(job, result)
 
     def _finish_deadline(self, job: _Job) -> None:
         now = self._now()

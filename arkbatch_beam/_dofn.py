@@ -62,6 +62,9 @@ def _to_row(result: ChatResult) -> dict[str, Any]:
     return dict(zip(RESULT_FIELDS, _result_values(result), strict=True))
 
 
+_CURRENT = object()  # _abandon(): "the bundle running now"
+
+
 class EndpointUnusable(RuntimeError):
     """The endpoint rejected every request with 401/403/404: fail the job, not every row."""
 
@@ -172,10 +175,11 @@ class InferDoFn(beam.DoFn):
         if isinstance(request, dict):  # a failure row from parsing or dedupe: pass it on
             yield beam.pvalue.TaggedOutput(FAILED_TAG, request) if self._split else request
             return
+        bundle = self._bundle  # this generator may be closed late (GC), when another bundle runs
         try:
             yield from self._process(request, window, timestamp)
         except BaseException:  # our error, a fused step's error (GeneratorExit), a kill
-            self._abandon()
+            self._abandon(bundle)
             raise
 
     def _process(self, request: ChatRequest, window: Any, timestamp: Any):
@@ -195,13 +199,14 @@ class InferDoFn(beam.DoFn):
                 yield self._emit(*item)
 
     def finish_bundle(self):
+        bundle = self._bundle
         try:
             self._flush()
             while self._outstanding > 0:
                 for item in self._get():
                     yield self._emit(*item)
         except BaseException:
-            self._abandon()
+            self._abandon(bundle)
             raise
         self._bundle = None  # every request of this bundle has its row
         if self._sent_any:
@@ -218,9 +223,13 @@ class InferDoFn(beam.DoFn):
             self._rt = None
 
     # -- internals -----------------------------------------------------------------------
-    def _abandon(self) -> None:
-        """Cancel the unfinished requests of the current bundle (it failed or was abandoned)."""
-        bundle, self._bundle = self._bundle, None
+    def _abandon(self, bundle: object | None = _CURRENT) -> None:
+        """Cancel the unfinished requests of ``bundle`` (default: the current one), which failed
+        or was abandoned. Only that bundle's: a late call for an old bundle never touches a new one."""
+        if bundle is _CURRENT:
+            bundle = self._bundle
+        if bundle is not None and bundle is self._bundle:
+            self._bundle = None
         if bundle is not None and self._rt is not None:
             self._rt.cancel(bundle)
 

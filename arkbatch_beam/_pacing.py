@@ -137,7 +137,7 @@ class PushbackGate:
         if self._tokens_at is not None:
             self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self.max_rate)
         self._tokens_at = now
-        return self._tokens >= 1.0
+        return self._tokens >= 1.0 - 1e-9
 
     def try_acquire(self) -> int | None:
         """Admit one request now if the gate allows it; returns its ticket or ``None``.
@@ -150,6 +150,10 @@ class PushbackGate:
         if self.max_rate is not None:
             self._arm_rate_timer()
         return None
+
+    def admittable(self) -> int:
+        """How many requests the window would admit now, ignoring pauses and tokens (>= 1)."""
+        return max(1, int(self.limit - self.in_flight))
 
     def _admit(self) -> int:
         if self.max_rate is not None:
@@ -171,7 +175,10 @@ class PushbackGate:
         if (self._rate_timer is not None or self.in_flight >= self.limit or self.paused
                 or self._has_token()):
             return
-        due = self.now() + (1.0 - self._tokens) / self.max_rate
+        now = self.now()
+        # Never "now" again: float rounding may leave the bucket a hair under one token, and a
+        # timer due at this very instant would re-arm itself forever.
+        due = max(now + (1.0 - self._tokens) / self.max_rate, now + 1e-6)
         call_at = self._call_at or self._get_loop().call_at
         self._rate_timer = call_at(due, self._on_rate_timer)
 

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from ._errors import ArkError, InvalidResponse
-from ._types import STATUS_FAILED, STATUS_OK, ChatResult
+from ._types import STATUS_FAILED, ChatResult
 
 REDACTED = "[redacted]"
 _INT64 = range(-(2**63), 2**63)
@@ -106,12 +106,20 @@ class Redactor:
         Redactor(1 secret(s))
     """
 
-    __slots__ = ("_secrets",)
+    __slots__ = ("_secrets", "_forms")
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: tuple[str, ...] = tuple(
             sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LEN}, key=len, reverse=True)
         )
+        # The forms a server's JSON may spell a secret in (raw ``response_json``, error bodies):
+        # standard escaping, ``\/`` for ``/``, and ``\uXXXX`` for every non-alphanumeric.
+        forms = set(self._secrets)
+        for secret in self._secrets:
+            forms.add(orjson.dumps(secret).decode()[1:-1])
+            forms.add(secret.replace("/", "\\/"))
+            forms.add("".join(c if c.isalnum() else f"\\u{ord(c):04x}" for c in secret))
+        self._forms: tuple[str, ...] = tuple(sorted(forms, key=len, reverse=True))
 
     def __repr__(self) -> str:
         return f"Redactor({len(self._secrets)} secret(s))"
@@ -128,23 +136,30 @@ class Redactor:
         """``text`` with every secret replaced by ``[redacted]``."""
         if not text or not self._secrets:
             return text
-        for secret in self._secrets:
+        for secret in self._forms:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         return text
 
+    def json_text(self, text: str | None) -> str | None:
+        """Like :meth:`text` for a JSON document, whatever escapes spell the secret in it: when its
+        decoded strings still hold a secret, it is re-serialised (plainly escaped) and scrubbed."""
+        text = self.text(text)
+        if not text or not self._secrets or "\\" not in text:
+            return text  # no escapes: the literal scrub above saw everything
+        try:
+            canon = orjson.dumps(orjson.loads(text)).decode()
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError, TypeError):
+            return text
+        return self.text(canon) if any(s in canon for s in self._secrets) else text
+
     def result(self, result: ChatResult) -> ChatResult:
         """Scrub every text column of ``result`` in place (and return it)."""
-        if self._secrets and result.status == STATUS_OK and result.response_json is not None:
-            # Every text of an ok row comes from its raw answer: no secret there, none anywhere.
-            raw = result.response_json
-            if not any(secret in raw for secret in self._secrets) and not result.request_json:
-                return result
         if self._secrets:
             for name in _STR_FIELDS:
                 value = getattr(result, name)
                 if value:
-                    setattr(result, name, self.text(value))
+                    setattr(result, name, self.json_text(value) if name == "response_json" else self.text(value))
         return result
 
 

@@ -175,12 +175,12 @@ def next_delay(
         return Decision(0.0, True, error.error_type)
     if isinstance(error, InvalidResponse) and invalid_responses >= max_invalid_responses:
         return Decision(0.0, True, "invalid_response")
-    server_said = error.retry_after is not None
+    server_said = bool(error.retry_after)  # a wait of 0 (or a date past) is no wait: it counts
     counted = attempt if counted_attempts is None else counted_attempts
     if max_attempts and not server_said and counted >= max_attempts:
         return Decision(0.0, True, EXHAUSTED)
     delay = backoff_delay(attempt, backoff, rand)
-    if server_said:
+    if error.retry_after is not None:
         delay = max(delay, error.retry_after)
     if now + delay > deadline - min_attempt_seconds or now + delay >= deadline:
         return Decision(delay, True, DEADLINE, server_said)

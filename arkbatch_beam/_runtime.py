@@ -124,6 +124,7 @@ class SharedRuntime:
         """Raise :class:`RuntimeDied` when the loop thread is gone (and forget this runtime)."""
         if not self.alive:
             _forget(self)
+            self.close(timeout=1.0)  # free what a dead loop can free (its thread is gone)
             raise RuntimeDied(
                 "the arkbatch runtime's event-loop thread is not running (it died or was closed); "
                 "the bundle fails so that the runner retries it on a fresh runtime"

@@ -352,3 +352,21 @@ def test_library_log_records_are_scrubbed_of_secrets(monkeypatch: pytest.MonkeyP
     read_credentials(ClientConfig(Endpoint("m", base_url="http://127.0.0.1:1/v3", api_key_env=KEY_ENV)))
     logging.getLogger("arkbatch_beam").warning("server said %s", f"Bearer {SECRET}")
     assert "server said Bearer [redacted]" in caplog.text and SECRET not in caplog.text
+
+
+def test_a_failed_bundles_generator_closed_late_never_cancels_the_next_bundle(server: FakeArkServer) -> None:
+    cfg = config(server.base_url, max_concurrency=4)
+    dofn = InferDoFn(cfg, max_pending=2, handoff=1)
+    dofn.setup()
+    try:
+        dofn.start_bundle()
+        _process(dofn, req("a1"))
+        stuck = dofn.process(req("a2"), GlobalWindow(), 0)
+        next(stuck)  # a row is emitted; the fused step after us raises here: the generator is left open
+        dofn.start_bundle()  # the runner retries on this DoFn
+        _process(dofn, req("b1"))
+        stuck.close()  # ... and the old traceback (holding the generator) is freed only now
+        rows = list(dofn.finish_bundle())  # before: b1 had been cancelled and this waited forever
+        assert len(rows) == 1
+    finally:
+        dofn.teardown()

@@ -611,11 +611,11 @@ def test_any_retry_after_gives_a_finite_wait_inside_the_deadline(
     if d.give_up:
         assert d.reason in (DEADLINE, "attempts_exhausted"), d
         if d.reason == "attempts_exhausted":
-            assert announced is None and max_attempts and attempt >= max_attempts
+            assert not announced and max_attempts and attempt >= max_attempts  # a wait of 0 counts
         return
     assert d.delay >= backoff_delay(attempt, backoff, rand)
     if announced is not None:
-        assert d.delay >= announced and d.server_said
+        assert d.delay >= announced and d.server_said == (announced > 0)
     assert now + d.delay <= deadline - min_left and now + d.delay < deadline
 
 
