@@ -512,6 +512,7 @@ class ArkClient:
                 )
             else:  # shutdown, or a caller of complete() cancelled (maybe besides our abort)
                 gate.release(ticket, NEUTRAL)
+                self._slot_freed()
                 raise
         except ArkError as exc:
             outcome = Outcome(exc)
@@ -526,14 +527,18 @@ class ArkClient:
             timer.cancel()
             job.worker = None
             self._running.discard(job)
-            if self._n_ready:
-                self._kick()  # a slot came back: a parked (or a new) worker may take it
         if job.abort is not None and not ours and task.cancelling():
             task.uncancel()  # the transport swallowed our cancellation: do not leak it
         if job.state == _DONE:  # its owner cancelled it meanwhile
             gate.release(ticket, NEUTRAL)
-            return
-        self._after(job, gate, ticket, outcome, rid)
+        else:
+            self._after(job, gate, ticket, outcome, rid)  # releases the ticket
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        """After an attempt's ticket went back: a parked (or a new) worker may take the slot."""
+        if self._n_ready:
+            self._kick()
 
     def _abort_attempt(self, job: _Job) -> None:
         if job.state == _RUNNING and job.worker is not None and job.abort is None:

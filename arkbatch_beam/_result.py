@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -106,7 +107,7 @@ class Redactor:
         Redactor(1 secret(s))
     """
 
-    __slots__ = ("_secrets", "_forms")
+    __slots__ = ("_secrets", "_forms", "_cores")
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: tuple[str, ...] = tuple(
@@ -120,6 +121,9 @@ class Redactor:
             forms.add(secret.replace("/", "\\/"))
             forms.add("".join(c if c.isalnum() else f"\\u{ord(c):04x}" for c in secret))
         self._forms: tuple[str, ...] = tuple(sorted(forms, key=len, reverse=True))
+        # The longest alphanumeric run of each secret: escapes spell only the other characters,
+        # so a JSON text that lacks every core cannot hold a secret in any spelling.
+        self._cores = tuple(max(re.findall(r"[0-9A-Za-z]+", s) or [s], key=len) for s in self._secrets)
 
     def __repr__(self) -> str:
         return f"Redactor({len(self._secrets)} secret(s))"
@@ -145,8 +149,8 @@ class Redactor:
         """Like :meth:`text` for a JSON document, whatever escapes spell the secret in it: when its
         decoded strings still hold a secret, it is re-serialised (plainly escaped) and scrubbed."""
         text = self.text(text)
-        if not text or not self._secrets or "\\" not in text:
-            return text  # no escapes: the literal scrub above saw everything
+        if not text or not self._secrets or "\\" not in text or not any(c in text for c in self._cores):
+            return text  # no escapes, or no trace of a secret: the literal scrub above saw everything
         try:
             canon = orjson.dumps(orjson.loads(text)).decode()
         except (orjson.JSONDecodeError, orjson.JSONEncodeError, TypeError):
