@@ -307,3 +307,31 @@ class ClientConfig:
             "backoff": f"{self.backoff.initial:g}s x{self.backoff.factor:g} "
             f"cap {self.backoff.max_delay:g}s jitter {self.backoff.jitter:g}",
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkConfig:
+    """How result rows become Parquet files under the output folder.
+
+    Args:
+        part_rows: a part is written when its buffer holds this many rows (1..10,000,000).
+        part_bytes: ... or this many bytes of rows (64 KiB..1 GiB).
+        part_seconds: ... or when its oldest row is this old (0.1..86,400 s).
+        output_shards: hash buckets of ``custom_id`` that compaction merges in parallel, one
+            merged file set per bucket; ``0`` chooses from the data size.
+
+    Example:
+        >>> SinkConfig().part_rows
+        5000
+    """
+
+    part_rows: int = 5000
+    part_bytes: int = 64 * 1024 * 1024
+    part_seconds: float = 10.0
+    output_shards: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("part_rows", self.part_rows, 1, 10_000_000)
+        _check_int("part_bytes", self.part_bytes, 64 * 1024, 1024**3, " bytes")
+        _check_range("part_seconds", self.part_seconds, 0.1, 86400.0, " s")
+        _check_int("output_shards", self.output_shards, 0, 100_000, " (0: chosen from the data size)")

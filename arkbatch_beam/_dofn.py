@@ -36,10 +36,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 from . import _runtime
 from ._config import ClientConfig
 from ._inputs import InputOptions, parse_input
-from ._types import RESULT_FIELDS, ChatRequest, ChatResult, request_hash
+from ._types import NAMESPACE, RESULT_FIELDS, ChatRequest, ChatResult, request_hash
 
 FAILED_TAG = "failed"
-NAMESPACE = "arkbatch"
 # Wall-clock marks are reported as milliseconds since this instant (2020-01-01 UTC), which
 # keeps a Distribution's int64 sum far from overflowing however many bundles a job has.
 MARK_EPOCH = 1_577_836_800.0

@@ -25,6 +25,9 @@ from typing import Any
 
 import orjson
 
+# The Beam metrics namespace of every counter and distribution this package reports.
+NAMESPACE = "arkbatch"
+
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 DUPLICATE = "duplicate_custom_id"  # error_type of a repeated custom_id (never sent)

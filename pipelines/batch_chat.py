@@ -49,7 +49,8 @@ from arkbatch_beam import (
 )
 from arkbatch_beam._attempt import MissingApiKey
 from arkbatch_beam._config import DEFAULT_MAX_CONCURRENCY, DEFAULT_TIMEOUT, Keepalive
-from arkbatch_beam._dofn import NAMESPACE, EndpointUnusable
+from arkbatch_beam._dofn import EndpointUnusable
+from arkbatch_beam._types import NAMESPACE
 from arkbatch_beam._inputs import INPUT_FORMATS, parse_input, row_to_item
 from arkbatch_beam._sink import FAILURES_DIR, RESULTS_DIR, CompactOutput, part_files
 from arkbatch_beam._types import ChatRequest
