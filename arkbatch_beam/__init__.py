@@ -16,7 +16,7 @@ Example:
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._client import ArkClient, MissingApiKey, parse_completion
+from ._client import ArkClient, parse_completion
 from ._config import (
     ARK_BASE_URL,
     ARK_BATCH_PATH,
@@ -24,31 +24,66 @@ from ._config import (
     Backoff,
     ClientConfig,
     Endpoint,
+    InputOptions,
+    Keepalive,
+    SinkConfig,
+    add_flags,
+    flags,
+    from_flags,
+    option,
+    render_options_table,
+    validate,
 )
 from ._errors import (
+    ERROR_TYPES,
     ArkError,
+    AttemptsExhausted,
     AttemptTimeout,
+    Cancelled,
     DeadlineExceeded,
+    DuplicateCustomId,
     EndpointError,
+    EndpointUnusable,
+    InputError,
+    InternalError,
+    InvalidRequest,
     InvalidResponse,
+    JobError,
+    MissingApiKey,
+    OptionError,
     RateLimited,
     RequestRejected,
     RetryableError,
     RetryableStatus,
+    RetryLimit,
+    RuntimeDied,
     TransportError,
+    final_on_resume,
+    job_error_in,
+    render_error_types_table,
 )
-from ._inputs import InputOptions, derive_id, parse_input
+from ._inputs import derive_id, parse_input, row_to_item
 from ._pacing import PushbackGate
+from ._progress import JobProgress
 from ._retry import Decision, backoff_delay, next_delay, parse_retry_after
-from ._types import ChatRequest, ChatResult
+from ._types import NAMESPACE, ChatRequest, ChatResult
 
 if TYPE_CHECKING:  # type checkers and IDEs see the real names
     from ._schema import OUTPUT_SCHEMA
-    from ._sink import WriteResults
-    from .transform import BatchChatInference
+    from ._sink import FAILURES_DIR, RESULTS_DIR, CompactOutput, WriteResults, part_files
+    from .transform import FAILED_TAG, BatchChatInference
 
 # The Beam/pyarrow half of the API, imported on first use (PEP 562). (``import *`` loads it.)
-_LAZY = {"BatchChatInference": ".transform", "WriteResults": "._sink", "OUTPUT_SCHEMA": "._schema"}
+_LAZY = {
+    "BatchChatInference": ".transform",
+    "FAILED_TAG": ".transform",
+    "WriteResults": "._sink",
+    "CompactOutput": "._sink",
+    "RESULTS_DIR": "._sink",
+    "FAILURES_DIR": "._sink",
+    "part_files": "._sink",
+    "OUTPUT_SCHEMA": "._schema",
+}
 
 
 def __dir__() -> list[str]:
@@ -65,36 +100,67 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "add_flags",
     "ARK_BASE_URL",
     "ARK_BATCH_PATH",
     "ArkClient",
     "ArkError",
+    "AttemptsExhausted",
     "AttemptTimeout",
     "Backoff",
+    "backoff_delay",
     "BatchChatInference",
+    "Cancelled",
     "ChatRequest",
     "ChatResult",
     "ClientConfig",
+    "CompactOutput",
     "DeadlineExceeded",
     "Decision",
+    "derive_id",
+    "DuplicateCustomId",
     "Endpoint",
     "EndpointError",
+    "EndpointUnusable",
+    "ERROR_TYPES",
+    "FAILED_TAG",
+    "FAILURES_DIR",
+    "final_on_resume",
+    "flags",
+    "from_flags",
+    "InputError",
     "InputOptions",
+    "InternalError",
+    "InvalidRequest",
     "InvalidResponse",
+    "job_error_in",
+    "JobError",
+    "JobProgress",
+    "Keepalive",
     "MissingApiKey",
-    "OPENAI_CHAT_PATH",
-    "OUTPUT_SCHEMA",
-    "PushbackGate",
-    "RateLimited",
-    "RequestRejected",
-    "RetryableError",
-    "RetryableStatus",
-    "TransportError",
-    "WriteResults",
-    "backoff_delay",
-    "derive_id",
+    "NAMESPACE",
     "next_delay",
+    "OPENAI_CHAT_PATH",
+    "option",
+    "OptionError",
+    "OUTPUT_SCHEMA",
     "parse_completion",
     "parse_input",
     "parse_retry_after",
+    "part_files",
+    "PushbackGate",
+    "RateLimited",
+    "render_error_types_table",
+    "render_options_table",
+    "RequestRejected",
+    "RESULTS_DIR",
+    "RetryableError",
+    "RetryableStatus",
+    "RetryLimit",
+    "row_to_item",
+    "RuntimeDied",
+    "SinkConfig",
+    "TransportError",
+    "validate",
+    "WriteResults",
 ]

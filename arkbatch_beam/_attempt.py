@@ -29,20 +29,30 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import logging
 import os
 import socket
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
 from ._config import ClientConfig, Keepalive
-from ._errors import ArkError, InvalidResponse, RateLimited, error_for_status, mapped_transport_errors
+from ._errors import (
+    ArkError,
+    AttemptTimeout,
+    InvalidResponse,
+    MissingApiKey,
+    RateLimited,
+    TransportError,
+    error_for_status,
+)
 from ._pacing import NEUTRAL, OK, REFUSED
 from ._result import Redactor
 from ._retry import parse_retry_after
@@ -51,10 +61,6 @@ log = logging.getLogger("arkbatch_beam")
 
 # A chat completion is kilobytes; a body beyond this is a broken or hostile server.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-
-
-class MissingApiKey(RuntimeError):
-    """The environment variable that should hold the API key (or a secret header) is unset."""
 
 
 class Transport(Protocol):
@@ -261,3 +267,48 @@ class HttpTransport:
                         chunks.append(chunk)
                     data = b"".join(chunks)
                 return resp.status, resp.headers, data
+
+
+def map_transport_error(exc: BaseException) -> ArkError:
+    """Translate an aiohttp/asyncio exception into the tree (the only such mapping)."""
+    if isinstance(exc, ArkError):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return TransportError("connect timed out")
+        return AttemptTimeout("attempt timed out")
+    if isinstance(exc, aiohttp.ClientPayloadError):  # the connection broke mid-body
+        return TransportError(f"response body cut short ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ContentTypeError):
+        return InvalidResponse("response is not JSON")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        # str(exc) names host:port and the OS error, never headers.
+        return TransportError(f"cannot connect: {exc.os_error.strerror or type(exc).__name__}")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        return TransportError(f"connection lost ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientError):
+        return TransportError(f"client error ({type(exc).__name__})")
+    if isinstance(exc, (ConnectionError, OSError)):
+        return TransportError(f"connection error ({type(exc).__name__})")
+    raise exc
+
+
+@contextmanager
+def mapped_transport_errors() -> Iterator[None]:
+    """Re-raise aiohttp/OS errors inside the block as :class:`ArkError` subclasses.
+
+    Example:
+        >>> import aiohttp
+        >>> try:
+        ...     with mapped_transport_errors():
+        ...         raise aiohttp.ServerDisconnectedError()
+        ... except TransportError as e:
+        ...     print(e.error_type)
+        connection_error
+    """
+    try:
+        yield
+    except ArkError:
+        raise
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise map_transport_error(exc) from exc

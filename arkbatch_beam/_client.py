@@ -49,23 +49,23 @@ from typing import Any
 
 import orjson
 
-from ._attempt import HttpTransport, MissingApiKey, Outcome, Transport, classify
+from ._attempt import HttpTransport, Outcome, Transport, classify, map_transport_error
 from ._config import ClientConfig
 from ._errors import (
     ArkError,
     AttemptTimeout,
+    Cancelled,
     DeadlineExceeded,
     InvalidResponse,
     TransportError,
-    map_transport_error,
 )
 from ._health import FATAL_AFTER, EndpointHealth
 from ._pacing import NEUTRAL, OK, PushbackGate
 from ._result import Redactor, failed, parse_completion
-from ._retry import DEADLINE, next_delay
+from ._retry import DEADLINE, EXHAUSTED, next_delay
 from ._types import STATUS_OK, ChatRequest, ChatResult
 
-__all__ = ["ArkClient", "ClientStats", "MissingApiKey", "parse_completion", "FATAL_AFTER"]
+__all__ = ["ArkClient", "ClientStats", "parse_completion", "FATAL_AFTER"]
 
 log = logging.getLogger("arkbatch_beam")
 
@@ -595,7 +595,7 @@ class ArkClient:
         if decision.reason == DEADLINE:
             self._finish_deadline(job)
             return
-        if decision.reason == "attempts_exhausted":
+        if decision.reason == EXHAUSTED:
             message = f"gave up after {job.attempts} attempt(s) (max_attempts={cfg.max_attempts})"
             failed(result, error_type=decision.reason, last=err, attempts=job.attempts,
                    latency_s=now - job.first_send, retryable=True, message=message,  # type: ignore[operator]
@@ -613,7 +613,7 @@ class ArkClient:
 
     def _finish_cancelled(self, job: _Job) -> None:
         result = ChatResult.failure(
-            job.request.custom_id, "cancelled", "the client closed before an answer", retryable=True,
+            job.request.custom_id, Cancelled.error_type, "the client closed before an answer", retryable=True,
             model=job.model, attempts=job.attempts,
         )
         self._deliver_failed(job, result)

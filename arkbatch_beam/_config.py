@@ -1,9 +1,13 @@
-"""Frozen, validated, picklable configuration values.
+"""Frozen, validated, picklable configuration values, each option defined once.
 
 Options become config once, at the edge (the CLI or the transform's constructor); every
-module below works with these immutable values. Out-of-range values raise ``ValueError``
-naming the field and the accepted range. The API key itself is never part of a config: only
-the *name* of the environment variable that holds it.
+module below works with these immutable values. Each option is a dataclass field made by
+:func:`option`: its default, accepted range, unit and help live there and nowhere else. The
+constructors check them (an :class:`~arkbatch_beam._errors.OptionError`, a ``ValueError``
+naming the option and the accepted range), the CLI's flags are generated from them
+(:func:`add_flags`, :func:`from_flags`) and so is the README's option table
+(:func:`render_options_table`). The API key itself is never part of a config: only the *name*
+of the environment variable that holds it.
 
 Example:
     >>> from arkbatch_beam import Endpoint, ClientConfig
@@ -13,32 +17,273 @@ Example:
     >>> ClientConfig(Endpoint("ep"), max_concurrency=0)
     Traceback (most recent call last):
     ...
-    ValueError: max_concurrency must be in 1..10000, got 0
+    arkbatch_beam._errors.OptionError: max_concurrency must be in 1..10000, got 0
 """
 
 from __future__ import annotations
 
+import argparse
+import codecs
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from ._errors import OptionError
 
 ARK_BASE_URL = "https://ark.cn-beijing.volces.com/api/v3"
 ARK_BATCH_PATH = "/batch/chat/completions"
 OPENAI_CHAT_PATH = "/chat/completions"
 DEFAULT_API_KEY_ENV = "ARK_API_KEY"
 
-MAX_CONCURRENCY_RANGE = (1, 10_000)
-TIMEOUT_RANGE = (1.0, 72 * 3600.0)
-DEFAULT_TIMEOUT = 24 * 3600.0
-DEFAULT_MAX_CONCURRENCY = 500
+MAX_TIMEOUT = 72 * 3600.0  # Ark's longest batch deadline
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, unit: str = "") -> None:
+def _num(x: float) -> str:
+    """A bound as people write it: ``10000000``, ``0.5``."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, unit: str = "", note: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number in {lo:g}..{hi:g}{unit}, got {value!r}")
+        raise OptionError(name, f"must be a number in {_num(lo)}..{_num(hi)}{unit}{note}, got {value!r}")
     if math.isnan(value) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be in {lo:g}..{hi:g}{unit}, got {value!r}")
+        raise OptionError(name, f"must be in {_num(lo)}..{_num(hi)}{unit}{note}, got {value!r}")
+
+
+def _check_int(name: str, value: int, lo: int, hi: int, unit: str = "", note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(name, f"must be an integer in {lo}..{hi}{unit}{note}, got {value!r}")
+    _check_range(name, value, lo, hi, unit, note)
+
+
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def option(
+    default: Any = _NO_DEFAULT,
+    *,
+    help: str,  # noqa: A002 - argparse's word
+    kind: type = str,
+    lo: float | None = None,
+    hi: float | None = None,
+    unit: str = "",
+    choices: tuple[str, ...] | None = None,
+    off: Any = None,
+    note: str = "",
+    flag: str | None = None,
+    cli: bool = True,
+    factory: Any = None,
+) -> Any:
+    """A config field that carries its own definition (the one place an option is described).
+
+    Args:
+        default: the default (``None`` makes the option optional: ``None`` is always accepted).
+        help: one line saying what it does.
+        kind: ``int``, ``float``, ``str`` or ``bool``.
+        lo, hi: the accepted range (numbers); ``unit`` is shown after it (``" s"``).
+        choices: the accepted values (strings).
+        off: a value outside the range that is accepted too and turns the feature off (``0``).
+        note: words shown after the range in errors and help (``" (0: off)"``).
+        flag: the CLI flag's name when it is not the field's name (without ``--``).
+        cli: ``False`` keeps the field out of the CLI.
+        factory: a default factory (for a nested config).
+
+    Example:
+        >>> import dataclasses
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Demo:
+        ...     n: int = option(3, help="how many", kind=int, lo=1, hi=9)
+        ...     def __post_init__(self): validate(self)
+        >>> Demo(10)
+        Traceback (most recent call last):
+        ...
+        arkbatch_beam._errors.OptionError: n must be in 1..9, got 10
+    """
+    meta = {"help": help, "kind": kind, "lo": lo, "hi": hi, "unit": unit, "choices": choices,
+            "off": off, "note": note, "flag": flag, "cli": cli}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def group(factory: Any, *, prefix: str, help: str, optional_when: tuple[str, Any] | None = None) -> Any:  # noqa: A002
+    """A field holding a nested config whose options become flags named ``prefix + name``.
+
+    ``optional_when=("idle", 0)``: the CLI value ``0`` for that flag makes the field ``None``.
+    """
+    meta = {"group": prefix, "help": help, "optional_when": optional_when}
+    if factory is None:
+        return dataclasses.field(default=None, metadata=meta)
+    return dataclasses.field(default_factory=factory, metadata=meta)
+
+
+def _label(obj: Any, name: str) -> str:
+    prefix = getattr(type(obj), "_label_prefix", "")
+    return prefix + name
+
+
+def validate(obj: Any) -> None:
+    """Check every :func:`option` field of a config dataclass against its definition."""
+    for f in dataclasses.fields(obj):
+        m = f.metadata
+        if "kind" not in m:
+            continue
+        value = getattr(obj, f.name)
+        name = _label(obj, f.name)
+        if value is None and f.default is None:
+            continue
+        if m["off"] is not None and value == m["off"] and not isinstance(value, bool):
+            continue
+        kind = m["kind"]
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise OptionError(name, f"must be True or False, got {value!r}")
+        elif kind is int:
+            _check_int(name, value, int(m["lo"]), int(m["hi"]), m["unit"], m["note"])
+        elif kind is float:
+            _check_range(name, value, m["lo"], m["hi"], m["unit"], m["note"])
+        elif kind is not str:
+            continue  # checked by its class (e.g. headers)
+        elif not isinstance(value, str):
+            raise OptionError(name, f"must be a string, got {value!r}")
+        elif m["choices"] is not None and value not in m["choices"]:
+            raise OptionError(name, f"must be one of {', '.join(m['choices'])}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One CLI flag generated from a config field (see :func:`flags`)."""
+
+    name: str  # without "--"
+    path: tuple[str, ...]  # field names from the top config down
+    field: dataclasses.Field  # type: ignore[type-arg]
+    owner: type
+    off_note: str = ""  # what a value outside the range means on the CLI (" (0: off)")
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        return self.field.metadata
+
+    def accepted(self) -> str:
+        """The accepted values, as help and the README say them."""
+        m = self.meta
+        if m["kind"] is bool:
+            return "flag"
+        if m["choices"]:
+            return "|".join(m["choices"])
+        if m["lo"] is not None:
+            return f"{_num(m['lo'])}..{_num(m['hi'])}{m['unit']}{m['note']}{self.off_note}"
+        return "text"
+
+    def default_text(self) -> str:
+        d = self.field.default
+        if d is dataclasses.MISSING:
+            return "required"
+        if d is None:
+            return "none"
+        if self.meta["kind"] is bool:
+            return "off"
+        if d == "":
+            return "''"
+        return _num(d) if isinstance(d, float) else str(d)
+
+
+def flags(
+    cls: type, prefix: str = "", path: tuple[str, ...] = (), off: tuple[str, Any] | None = None
+) -> Iterator[Flag]:
+    """The CLI flags of config class ``cls`` (nested groups included), in field order.
+
+    Example:
+        >>> [f.name for f in flags(Keepalive)]
+        ['idle', 'interval', 'count']
+    """
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        if "group" in m:
+            yield from flags(_group_class(cls, f), prefix + m["group"], (*path, f.name), m["optional_when"])
+        elif m.get("cli"):
+            note = f" ({off[1]}: off)" if off is not None and off[0] == f.name else ""
+            yield Flag(prefix + (m["flag"] or f.name), (*path, f.name), f, cls, note)
+
+
+def _group_class(cls: type, f: dataclasses.Field) -> type:  # type: ignore[type-arg]
+    return _GROUPS[(cls.__name__, f.name)]
+
+
+def add_flags(parser: argparse.ArgumentParser | Any, *classes: type) -> None:
+    """Add the flags of config ``classes`` to an argparse parser (or argument group)."""
+    for cls in classes:
+        for fl in flags(cls):
+            m = fl.meta
+            help_text = f"{m['help']} [{fl.accepted()}; default {fl.default_text()}]"
+            if m["kind"] is bool:
+                parser.add_argument("--" + fl.name, action="store_true", help=help_text)
+                continue
+            required = fl.field.default is dataclasses.MISSING
+            parser.add_argument("--" + fl.name, type=m["kind"], default=None if required else fl.field.default,
+                                required=required, help=help_text, metavar=fl.name.upper() if not m["unit"] else
+                                m["unit"].strip().upper() or fl.name.upper())
+
+
+def from_flags(cls: type, values: Mapping[str, Any], **given: Any) -> Any:
+    """Build config ``cls`` from parsed flag ``values`` (``vars(args)``); ``given`` fields win.
+
+    Example:
+        >>> from_flags(Keepalive, {"idle": 30, "interval": 5, "count": 3})
+        Keepalive(idle=30, interval=5, count=3)
+    """
+    return _build(cls, values, "", given)
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, given: Mapping[str, Any]) -> Any:
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            kw[f.name] = given[f.name]
+            continue
+        m = f.metadata
+        if "group" in m:
+            sub_prefix = prefix + m["group"]
+            when = m["optional_when"]
+            if when is not None and values.get(sub_prefix + when[0]) == when[1]:
+                kw[f.name] = None
+            else:
+                kw[f.name] = _build(_group_class(cls, f), values, sub_prefix, {})
+        elif m.get("cli"):
+            name = prefix + (m["flag"] or f.name)
+            if name in values:
+                kw[f.name] = values[name]
+    try:
+        return cls(**kw)
+    except OptionError as exc:
+        raise _flag_error(exc, cls, prefix) from None
+
+
+def _flag_error(exc: OptionError, cls: type, prefix: str) -> OptionError:
+    """``exc`` naming the CLI flag (``--backoff_max``) of the field it is about."""
+    for fl in flags(cls, prefix):
+        if _label_of(fl) == exc.name:
+            return OptionError("--" + fl.name, exc.problem)
+    return exc if exc.name.startswith("--") else OptionError("--" + exc.name, exc.problem)
+
+
+def _label_of(fl: Flag) -> str:
+    return getattr(fl.owner, "_label_prefix", "") + fl.field.name
+
+
+def render_options_table(*classes: type) -> str:
+    """The Markdown table of the flags of config ``classes`` (the README's option table).
+
+    Example:
+        >>> print(render_options_table(Keepalive).splitlines()[2])
+        | `--idle` | 60 | 1..7200 s | seconds a connection may sit idle before TCP keepalive probes start |
+    """
+    lines = ["| flag | default | accepted | meaning |", "|---|---|---|---|"]
+    for cls in classes:
+        for fl in flags(cls):
+            lines.append(f"| `--{fl.name}` | {fl.default_text()} | {fl.accepted()} | {fl.meta['help']} |")
+    return "\n".join(lines) + "\n"
 
 
 # Header names that carry credentials: their values must come from the worker's environment
@@ -91,20 +336,15 @@ class Keepalive:
         (60, 15, 4)
     """
 
-    idle: int = 60
-    interval: int = 15
-    count: int = 4
+    _label_prefix = "keepalive."
+
+    idle: int = option(60, kind=int, lo=1, hi=7200, unit=" s",
+                       help="seconds a connection may sit idle before TCP keepalive probes start")
+    interval: int = option(15, kind=int, lo=1, hi=600, unit=" s", help="seconds between keepalive probes")
+    count: int = option(4, kind=int, lo=1, hi=50, help="unanswered probes before the connection is dropped")
 
     def __post_init__(self) -> None:
-        _check_int("keepalive.idle", self.idle, 1, 7200, " s")
-        _check_int("keepalive.interval", self.interval, 1, 600, " s")
-        _check_int("keepalive.count", self.count, 1, 50)
-
-
-def _check_int(name: str, value: int, lo: int, hi: int, unit: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer in {lo}..{hi}{unit}, got {value!r}")
-    _check_range(name, value, lo, hi, unit)
+        validate(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,16 +359,19 @@ class Backoff:
         0.5
     """
 
-    initial: float = 0.5
-    factor: float = 2.0
-    max_delay: float = 8.0
-    jitter: float = 0.5
+    _label_prefix = "backoff."
+
+    initial: float = option(0.5, kind=float, lo=0.001, hi=3600.0, unit=" s", help="first retry's backoff")
+    factor: float = option(2.0, kind=float, lo=1.0, hi=10.0, help="backoff growth per retry")
+    max_delay: float = option(8.0, kind=float, lo=0.001, hi=3600.0, unit=" s", flag="max",
+                              help="longest backoff (at least the first)")
+    jitter: float = option(0.5, kind=float, lo=0.0, hi=1.0, help="random share taken off each backoff")
 
     def __post_init__(self) -> None:
-        _check_range("backoff.initial", self.initial, 0.001, 3600.0, " s")
-        _check_range("backoff.factor", self.factor, 1.0, 10.0)
-        _check_range("backoff.max_delay", self.max_delay, self.initial, 3600.0, " s")
-        _check_range("backoff.jitter", self.jitter, 0.0, 1.0)
+        validate(self)
+        if self.max_delay < self.initial:
+            raise OptionError("backoff.max_delay", f"must be in {_num(self.initial)}..3600 s (at least "
+                              f"backoff.initial), got {self.max_delay!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,24 +397,25 @@ class Endpoint:
         'http://127.0.0.1:8000/v1/chat/completions'
     """
 
-    model: str | None = None
-    base_url: str = ARK_BASE_URL
-    path: str = ARK_BATCH_PATH
-    api_key_env: str = DEFAULT_API_KEY_ENV
-    headers: tuple[tuple[str, str], ...] = ()
-    secret_headers: tuple[tuple[str, str], ...] = ()
+    model: str | None = option(None, help="Ark endpoint id (ep-...) or model name, for request bodies without "
+                               "a model")
+    base_url: str = option(ARK_BASE_URL, help="API root (http:// or https://)")
+    path: str = option(ARK_BATCH_PATH, help="/batch/chat/completions (Ark batch) or /chat/completions "
+                       "(any OpenAI-compatible server)")
+    api_key_env: str = option(DEFAULT_API_KEY_ENV, help="environment variable holding the API key, read in the "
+                              "workers ('' sends no key)")
+    headers: tuple[tuple[str, str], ...] = option((), kind=tuple, help="extra request headers", cli=False)
+    secret_headers: tuple[tuple[str, str], ...] = option((), kind=tuple, help="headers read from environment variables",
+                                                         cli=False)
 
     def __post_init__(self) -> None:
-        if self.model is not None and (not isinstance(self.model, str) or not self.model):
-            raise ValueError(f"model must be a non-empty string or None, got {self.model!r}")
-        if not isinstance(self.base_url, str) or not self.base_url.startswith(
-            ("http://", "https://")
-        ):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
-        if not isinstance(self.path, str) or not self.path.startswith("/"):
-            raise ValueError(f"path must start with '/', got {self.path!r}")
-        if not isinstance(self.api_key_env, str):
-            raise ValueError("api_key_env must be an environment variable name (str)")
+        validate(self)
+        if self.model is not None and not self.model:
+            raise OptionError("model", f"must be a non-empty string or None, got {self.model!r}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise OptionError("base_url", f"must start with http:// or https://, got {self.base_url!r}")
+        if not self.path.startswith("/"):
+            raise OptionError("path", f"must start with '/', got {self.path!r}")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         object.__setattr__(self, "headers", _freeze_headers(self.headers))
         object.__setattr__(self, "secret_headers", _freeze_headers(self.secret_headers, "secret_headers"))
@@ -242,44 +486,42 @@ class ClientConfig:
         'ep-123'
     """
 
-    endpoint: Endpoint
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
-    timeout: float = DEFAULT_TIMEOUT
-    attempt_timeout: float | None = None
-    connect_timeout: float = 10.0
-    backoff: Backoff = dataclasses.field(default_factory=Backoff)
-    max_invalid_responses: int = 3
-    progress_seconds: float = 30.0
-    max_requests_per_second: float | None = None
-    max_attempts: int = 20
-    min_attempt_seconds: float = 1.0
-    keepalive: Keepalive | None = dataclasses.field(default_factory=Keepalive)
+    endpoint: Endpoint = group(None, prefix="", help="where requests go")
+    max_concurrency: int = option(500, kind=int, lo=1, hi=10_000,
+                                  help="requests in flight per worker process (Ark's workerNum)")
+    timeout: float = option(24 * 3600.0, kind=float, lo=1.0, hi=MAX_TIMEOUT, unit=" s",
+                            help="per-request deadline from its first send; retries and pauses happen inside it")
+    attempt_timeout: float | None = option(None, kind=float, lo=0.01, hi=MAX_TIMEOUT, unit=" s",
+                                           help="bound on one attempt (none: until the deadline)")
+    connect_timeout: float = option(10.0, kind=float, lo=0.1, hi=300.0, unit=" s", help="TCP/TLS connect bound")
+    backoff: Backoff = group(Backoff, prefix="backoff_", help="retry backoff without Retry-After")
+    max_invalid_responses: int = option(3, kind=int, lo=1, hi=20,
+                                        help="200 answers that are not a completion before a request fails")
+    progress_seconds: float = option(30.0, kind=float, lo=1.0, hi=86400.0, unit=" s", off=0.0,
+                                     note=" (or 0: off)", help="each worker process logs a progress line this often")
+    max_requests_per_second: float | None = option(
+        None, kind=float, lo=0.01, hi=100_000.0,
+        help="requests (retries included) each worker process starts per second per model; a fleet's share "
+        "of a quota (none: only the cap and the server's pushback)")
+    max_attempts: int = option(20, kind=int, lo=0, hi=10_000, note=" (0: until the deadline)",
+                               help="attempts that fail without the server announcing a wait, before a request "
+                               "ends as attempts_exhausted")
+    min_attempt_seconds: float = option(1.0, kind=float, lo=0.0, hi=3600.0, unit=" s",
+                                        help="no attempt starts with less of the deadline left (at most half "
+                                        "the timeout)")
+    keepalive: Keepalive | None = group(Keepalive, prefix="tcp_keepalive_", optional_when=("idle", 0),
+                                        help="TCP keepalive (--tcp_keepalive_idle 0: off)")
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoint, str):
             object.__setattr__(self, "endpoint", Endpoint(self.endpoint))
         if not isinstance(self.endpoint, Endpoint):
-            raise ValueError(f"endpoint must be an Endpoint or a str, got {self.endpoint!r}")
-        if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int):
-            raise ValueError(
-                f"max_concurrency must be an integer in 1..10000, got {self.max_concurrency!r}"
-            )
-        _check_range("max_concurrency", self.max_concurrency, *MAX_CONCURRENCY_RANGE)
-        _check_range("timeout", self.timeout, *TIMEOUT_RANGE, " s")
-        if self.attempt_timeout is not None:
-            _check_range("attempt_timeout", self.attempt_timeout, 0.01, TIMEOUT_RANGE[1], " s")
-        _check_range("connect_timeout", self.connect_timeout, 0.1, 300.0, " s")
+            raise OptionError("endpoint", f"must be an Endpoint or a str, got {self.endpoint!r}")
+        validate(self)
         if not isinstance(self.backoff, Backoff):
-            raise ValueError(f"backoff must be a Backoff, got {self.backoff!r}")
-        _check_range("max_invalid_responses", self.max_invalid_responses, 1, 20)
-        if self.progress_seconds != 0:
-            _check_range("progress_seconds", self.progress_seconds, 1, 86400, " s (or 0: off)")
-        if self.max_requests_per_second is not None:
-            _check_range("max_requests_per_second", self.max_requests_per_second, 0.01, 100_000.0)
-        _check_int("max_attempts", self.max_attempts, 0, 10_000, " (0: until the deadline)")
-        _check_range("min_attempt_seconds", self.min_attempt_seconds, 0.0, 3600.0, " s")
+            raise OptionError("backoff", f"must be a Backoff, got {self.backoff!r}")
         if self.keepalive is not None and not isinstance(self.keepalive, Keepalive):
-            raise ValueError(f"keepalive must be a Keepalive or None, got {self.keepalive!r}")
+            raise OptionError("keepalive", f"must be a Keepalive or None, got {self.keepalive!r}")
 
     @property
     def min_attempt_window(self) -> float:
@@ -309,29 +551,90 @@ class ClientConfig:
         }
 
 
+_GROUPS: dict[tuple[str, str], type] = {
+    ("ClientConfig", "endpoint"): Endpoint,
+    ("ClientConfig", "backoff"): Backoff,
+    ("ClientConfig", "keepalive"): Keepalive,
+}
+
+INPUT_FORMATS = ("auto", "batch", "chat", "text")
+# What any accepted input_encoding must read as itself: lines are split on b"\n" and JSON is
+# recognised after decoding, so UTF-16/32, EBCDIC and escape-based codecs (utf-7, hz) cannot work.
+_ASCII_PROBE = bytes(range(0x20, 0x7F)) + b"\t\n\r"
+
+
+def _reads_ascii(name: str) -> bool:
+    if not name:
+        return False
+    try:
+        codecs.lookup(name)
+        return _ASCII_PROBE.decode(name) == _ASCII_PROBE.decode("ascii")
+    except (LookupError, UnicodeError):  # unknown, not a text codec (base64), or not ASCII-based
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOptions:
+    """How input lines become requests.
+
+    Args:
+        input_format: ``auto`` (per line), ``batch``, ``chat`` or ``text``.
+        system: system prompt added to ``text`` prompts.
+        model: model for bodies that have none (only used to check ``strict_model``).
+        strict_model: reject a body whose ``model`` differs from ``model``.
+        max_request_bytes: larger bodies become ``request_too_large`` failures.
+        batch_path: True on Ark's batch path, where ``stream: true`` is rejected.
+        input_encoding: codec of byte lines (any text codec Python knows that reads ASCII as
+            ASCII: ``gbk``, ``gb18030``, ``shift_jis``, ``latin-1``, ...); ``None`` = UTF-8. A line
+            that is valid UTF-8 is read as UTF-8 either way (so a file mixing UTF-8 and GBK lines
+            is read right). Decoding is strict: a line that does not decode is an
+            ``invalid_encoding`` row. ``str`` and dict items are already text and ignore it.
+
+    Example:
+        >>> InputOptions(input_format="text", system="Be brief.").system
+        'Be brief.'
+        >>> InputOptions(input_encoding="gbk").input_encoding
+        'gbk'
+    """
+
+    input_format: str = option("auto", choices=INPUT_FORMATS, cli=False, help="how a line is read")
+    system: str | None = option(None, help="system prompt for plain-text prompts")
+    model: str | None = option(None, cli=False, help="the endpoint's model")
+    strict_model: bool = option(False, kind=bool, help="reject bodies whose model differs from --model")
+    max_request_bytes: int = option(4 * 1024 * 1024, kind=int, lo=1024, hi=64 * 1024 * 1024, unit=" bytes",
+                                    help="larger request bodies become request_too_large rows")
+    batch_path: bool = option(True, kind=bool, cli=False, help="Ark's batch path (no streaming)")
+    input_encoding: str | None = option(
+        None, help="codec of text/JSONL input: gbk, gb18030, shift_jis, latin-1, ... (none: UTF-8); a line that "
+        "does not decode, or is binary, becomes an invalid_encoding row, never a prompt")
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.strict_model and not self.model:
+            raise OptionError("strict_model", "needs model to be set")
+        if self.input_encoding is not None and not _reads_ascii(self.input_encoding):
+            raise OptionError(
+                "input_encoding", "must name a text codec Python knows that reads ASCII as ASCII "
+                f"(e.g. gbk, gb18030, shift_jis, latin-1), got {self.input_encoding!r}"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class SinkConfig:
     """How result rows become Parquet files under the output folder.
-
-    Args:
-        part_rows: a part is written when its buffer holds this many rows (1..10,000,000).
-        part_bytes: ... or this many bytes of rows (64 KiB..1 GiB).
-        part_seconds: ... or when its oldest row is this old (0.1..86,400 s).
-        output_shards: hash buckets of ``custom_id`` that compaction merges in parallel, one
-            merged file set per bucket; ``0`` chooses from the data size.
 
     Example:
         >>> SinkConfig().part_rows
         5000
     """
 
-    part_rows: int = 5000
-    part_bytes: int = 64 * 1024 * 1024
-    part_seconds: float = 10.0
-    output_shards: int = 0
+    part_rows: int = option(5000, kind=int, lo=1, hi=10_000_000, help="a part is written when it holds this many rows")
+    part_bytes: int = option(64 * 1024 * 1024, kind=int, lo=64 * 1024, hi=1024**3, unit=" bytes",
+                             help="... or this many bytes of rows")
+    part_seconds: float = option(10.0, kind=float, lo=0.1, hi=86400.0, unit=" s",
+                                 help="... or when its oldest row is this old")
+    output_shards: int = option(0, kind=int, lo=0, hi=100_000, note=" (0: from the data size)",
+                                help="hash buckets of custom_id that compaction merges in parallel")
 
     def __post_init__(self) -> None:
-        _check_int("part_rows", self.part_rows, 1, 10_000_000)
-        _check_int("part_bytes", self.part_bytes, 64 * 1024, 1024**3, " bytes")
-        _check_range("part_seconds", self.part_seconds, 0.1, 86400.0, " s")
-        _check_int("output_shards", self.output_shards, 0, 100_000, " (0: chosen from the data size)")
+        validate(self)

@@ -35,10 +35,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from . import _runtime
 from ._config import ClientConfig
+from ._errors import EndpointUnusable
 from ._inputs import InputOptions, parse_input
+from ._progress import JobProgress
 from ._types import NAMESPACE, RESULT_FIELDS, ChatRequest, ChatResult, request_hash
 
-FAILED_TAG = "failed"
 # Wall-clock marks are reported as milliseconds since this instant (2020-01-01 UTC), which
 # keeps a Distribution's int64 sum far from overflowing however many bundles a job has.
 MARK_EPOCH = 1_577_836_800.0
@@ -64,22 +65,18 @@ def _to_row(result: ChatResult) -> dict[str, Any]:
 _CURRENT = object()  # _abandon(): "the bundle running now"
 
 
-class EndpointUnusable(RuntimeError):
-    """The endpoint rejected every request with 401/403/404: fail the job, not every row."""
-
-
 class ParseDoFn(beam.DoFn):
-    """Input line or dict -> :class:`ChatRequest` (main) or a failure row (``failed``).
+    """Input line or dict -> :class:`ChatRequest`, or a failure row (a dict).
 
-    With ``tagged=False`` failure rows go to the main output too (as dicts), so one
-    PCollection carries both on to :class:`InferDoFn`, which passes rows through: no
-    ``Flatten`` is needed downstream, and runners that materialise a ``Flatten`` (Beam's
-    in-process FnApiRunner does) keep inference and writing fused.
+    Both go to the one output, so one PCollection carries them on to :class:`InferDoFn`, which
+    passes rows through: no ``Flatten`` is needed downstream, and runners that materialise a
+    ``Flatten`` (Beam's in-process FnApiRunner does) keep inference and writing fused.
+    Lines that need no request (bad, blank) are counted on ``progress``.
     """
 
-    def __init__(self, options: InputOptions, *, tagged: bool = True) -> None:
+    def __init__(self, options: InputOptions, progress: JobProgress | None = None) -> None:
         self._options = options
-        self._tagged = tagged
+        self._progress = progress
 
     def setup(self) -> None:
         self._bad = Metrics.counter(NAMESPACE, "bad_input")
@@ -88,27 +85,29 @@ class ParseDoFn(beam.DoFn):
     def process(self, element: Any):
         if isinstance(element, (str, bytes)) and not element.strip():
             self._blank.inc()  # blank lines carry no prompt and no id: counted, not sent
-            _runtime.note_skipped(1)
+            if self._progress is not None:
+                self._progress.add_skipped(1)
             return
         parsed = parse_input(element, self._options)
         if isinstance(parsed, ChatRequest):
             yield parsed
         else:
             self._bad.inc()
-            _runtime.note_skipped(1)
-            row = parsed.to_row()
-            yield beam.pvalue.TaggedOutput(FAILED_TAG, row) if self._tagged else row
+            if self._progress is not None:
+                self._progress.add_skipped(1)
+            yield parsed.to_row()
 
 
 class InferDoFn(beam.DoFn):
-    """Requests -> result rows (main) and failure rows (``failed``), via the shared runtime.
+    """Requests -> result rows, answered or failed (the ``status`` column), via the shared runtime.
 
     Args:
         config: the client configuration (key to the per-process runtime).
         max_pending: most requests outstanding per bundle (default 2 x max_concurrency).
         handoff: how many requests to hand to the loop thread at once.
         include_request: also keep ``request_json`` on ok rows (failures always keep it).
-        split: failure rows go to the ``failed`` output (else every row to the main one).
+        progress: the job's :class:`~arkbatch_beam._progress.JobProgress`, shown in this
+            process's progress lines.
 
     Elements that are already rows (dicts: failures found before inference) pass through.
     """
@@ -123,10 +122,10 @@ class InferDoFn(beam.DoFn):
         max_pending: int | None = None,
         handoff: int = 64,
         include_request: bool = False,
-        split: bool = True,
+        progress: JobProgress | None = None,
     ) -> None:
         self._config = config
-        self._split = split
+        self._progress = progress
         self._max_pending = max_pending or max(2 * config.max_concurrency, 2)
         self._handoff = max(1, min(handoff, self._max_pending))
         self._include_request = include_request
@@ -137,7 +136,7 @@ class InferDoFn(beam.DoFn):
         return self._config.describe()
 
     def setup(self) -> None:
-        self._rt = _runtime.acquire(self._config)
+        self._acquire()
         self._requests = Metrics.counter(NAMESPACE, "requests")
         self._ok = Metrics.counter(NAMESPACE, "ok")
         self._failed = Metrics.counter(NAMESPACE, "failed")
@@ -156,7 +155,7 @@ class InferDoFn(beam.DoFn):
         if self._rt is None or not self._rt.alive:
             if self._rt is not None:
                 _runtime.release(self._rt)
-            self._rt = _runtime.acquire(self._config)
+            self._acquire()
         self._bundle = object()
         # The runtime hands results over in lists (all those completed in one loop iteration).
         self._done: queue.SimpleQueue[list[tuple[Any, ChatResult]]] = queue.SimpleQueue()
@@ -172,7 +171,7 @@ class InferDoFn(beam.DoFn):
         timestamp: Any = beam.DoFn.TimestampParam,
     ):
         if isinstance(request, dict):  # a failure row from parsing or dedupe: pass it on
-            yield beam.pvalue.TaggedOutput(FAILED_TAG, request) if self._split else request
+            yield request
             return
         bundle = self._bundle  # this generator may be closed late (GC), when another bundle runs
         try:  # (a try costs nothing in 3.11; no extra generator per element)
@@ -219,6 +218,11 @@ class InferDoFn(beam.DoFn):
             self._rt = None
 
     # -- internals -----------------------------------------------------------------------
+    def _acquire(self) -> None:
+        self._rt = _runtime.acquire(self._config)
+        if self._progress is not None:
+            self._rt.progress = self._progress
+
     def _abandon(self, bundle: object | None = _CURRENT) -> None:
         """Cancel the unfinished requests of ``bundle`` (default: the current one), which failed
         or was abandoned. Only that bundle's: a late call for an old bundle never touches a new one."""
@@ -278,5 +282,4 @@ class InferDoFn(beam.DoFn):
             result.request_sha256 = request_hash(request.body)
         if result.attempts > 1:
             self._retries.inc(result.attempts - 1)
-        wv = WindowedValue(_to_row(result), timestamp, (window,))
-        return wv if result.ok or not self._split else beam.pvalue.TaggedOutput(FAILED_TAG, wv)
+        return WindowedValue(_to_row(result), timestamp, (window,))

@@ -49,111 +49,39 @@ Example:
 
 from __future__ import annotations
 
-import codecs
-import dataclasses
 import hashlib
 import re
 from typing import Any
 
 import orjson
 
+from ._config import INPUT_FORMATS, InputOptions  # noqa: F401 - InputOptions is read here
+from ._errors import (
+    INPUT_ERROR_TYPES,  # noqa: F401 - re-exported: the error_type values of bad input
+    EmptyPrompt,
+    InputError,
+    InvalidEncoding,
+    InvalidId,
+    InvalidInput,
+    InvalidJson,
+    ModelMismatch,
+    NoMessages,
+    RequestTooLarge,
+    StreamNotAllowed,
+)
 from ._types import ChatRequest, ChatResult, request_hash
 
-INPUT_FORMATS = ("auto", "batch", "chat", "text")
-MAX_REQUEST_BYTES_RANGE = (1024, 64 * 1024 * 1024)
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 _NOT_BODY_KEYS = ("id", "custom_id")
 MAX_KEPT_LINE_BYTES = 64 * 1024  # a failure row's request_json keeps at most this much of its line
 MAX_ID_CHARS = 512
 _INT64 = (-(2**63), 2**63 - 1)
-INPUT_ERROR_TYPES = frozenset({
-    "invalid_encoding",  # not text in input_encoding (UTF-8 by default), or binary
-    "invalid_json",  # not JSON where JSON is expected
-    "invalid_input",  # JSON of the wrong shape or types (incl. an id that is not a string/integer)
-    "invalid_id",  # an id that cannot be exact: a non-integer number, beyond int64, blank, too long
-    "no_messages",
-    "empty_prompt",
-    "request_too_large",  # body over max_request_bytes
-    "stream_not_allowed",  # stream: true on the batch path
-    "model_mismatch",  # strict_model and a body model that differs
-})
 # Control characters that make a line binary: C0 but tab, LF, VT, FF, CR; DEL; and C1.
 _CONTROL = "".join(chr(c) for c in [*range(32), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\v\f\r")
 _CONTROL_RE = re.compile(f"[{re.escape(_CONTROL)}]")
 _DROP_CONTROL = {ord(c): None for c in _CONTROL}
 # Escapes for request_json of an undecodable line: control characters (all of C0 but tab) and DEL.
 _ESCAPE_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 0x7F] if c != 0x09}
-# What any accepted input_encoding must read as itself: lines are split on b"\n" and JSON is
-# recognised after decoding, so UTF-16/32, EBCDIC and escape-based codecs (utf-7, hz) cannot work.
-_ASCII_PROBE = bytes(range(0x20, 0x7F)) + b"\t\n\r"
-
-
-@dataclasses.dataclass(frozen=True)
-class InputOptions:
-    """How input lines become requests.
-
-    Args:
-        input_format: ``auto`` (per line), ``batch``, ``chat`` or ``text``.
-        system: system prompt added to ``text`` prompts.
-        model: model for bodies that have none (only used to check ``strict_model``).
-        strict_model: reject a body whose ``model`` differs from ``model``.
-        max_request_bytes: larger bodies become ``request_too_large`` failures.
-        batch_path: True on Ark's batch path, where ``stream: true`` is rejected.
-        input_encoding: codec of byte lines (any text codec Python knows that reads ASCII as
-            ASCII: ``gbk``, ``gb18030``, ``shift_jis``, ``latin-1``, ...); ``None`` = UTF-8. A line
-            that is valid UTF-8 is read as UTF-8 either way (so a file mixing UTF-8 and GBK lines
-            is read right). Decoding is strict: a line that does not decode is an
-            ``invalid_encoding`` row.
-            ``str`` and dict items are already text and ignore it.
-
-    Example:
-        >>> InputOptions(input_format="text", system="Be brief.").system
-        'Be brief.'
-        >>> InputOptions(input_encoding="gbk").input_encoding
-        'gbk'
-    """
-
-    input_format: str = "auto"
-    system: str | None = None
-    model: str | None = None
-    strict_model: bool = False
-    max_request_bytes: int = 4 * 1024 * 1024
-    batch_path: bool = True
-    input_encoding: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.input_format not in INPUT_FORMATS:
-            raise ValueError(
-                f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}"
-            )
-        lo, hi = MAX_REQUEST_BYTES_RANGE
-        if not isinstance(self.max_request_bytes, int) or not lo <= self.max_request_bytes <= hi:
-            raise ValueError(f"max_request_bytes must be in {lo}..{hi}, got {self.max_request_bytes!r}")
-        if self.strict_model and not self.model:
-            raise ValueError("strict_model needs model to be set")
-        if self.input_encoding is not None and not _reads_ascii(self.input_encoding):
-            raise ValueError(
-                "input_encoding must name a text codec Python knows that reads ASCII as ASCII "
-                f"(e.g. gbk, gb18030, shift_jis, latin-1), got {self.input_encoding!r}"
-            )
-
-
-def _reads_ascii(name: Any) -> bool:
-    if not isinstance(name, str) or not name:
-        return False
-    try:
-        codecs.lookup(name)
-        return _ASCII_PROBE.decode(name) == _ASCII_PROBE.decode("ascii")
-    except (LookupError, UnicodeError):  # unknown, not a text codec (base64), or not ASCII-based
-        return False
-
-
-class _Bad(Exception):
-    def __init__(self, error_type: str, message: str, body: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
-        self.body = body  # the request body, when the problem was found after it was known
 
 
 def derive_id(body: dict[str, Any]) -> str:
@@ -177,52 +105,50 @@ def _line_id(data: bytes) -> str:
 
 def _check_messages(messages: Any) -> None:
     if messages is None:
-        raise _Bad("no_messages", "request has no 'messages'")
+        raise NoMessages("request has no 'messages'")
     if not isinstance(messages, list):
-        raise _Bad("invalid_input", f"'messages' must be a list, got {type(messages).__name__}")
+        raise InvalidInput(f"'messages' must be a list, got {type(messages).__name__}")
     if not messages:
-        raise _Bad("no_messages", "'messages' is empty")
+        raise NoMessages("'messages' is empty")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise _Bad("invalid_input", f"messages[{i}] must be an object, got {type(m).__name__}")
+            raise InvalidInput(f"messages[{i}] must be an object, got {type(m).__name__}")
         role = m.get("role")
         if not isinstance(role, str) or role not in _ROLES:
-            raise _Bad("invalid_input", f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r}")
+            raise InvalidInput(f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r}")
         content = m.get("content")
         if content is None and role == "assistant" and m.get("tool_calls"):
             continue
         if isinstance(content, str):
             if not content.strip() and role == "user":
-                raise _Bad("empty_prompt", f"messages[{i}] (user) has empty content")
+                raise EmptyPrompt(f"messages[{i}] (user) has empty content")
         elif isinstance(content, list):
             if not content:
-                raise _Bad("empty_prompt", f"messages[{i}].content is an empty list")
+                raise EmptyPrompt(f"messages[{i}].content is an empty list")
         else:
-            raise _Bad(
-                "invalid_input",
+            raise InvalidInput(
                 f"messages[{i}].content must be a string or a list of parts, got {type(content).__name__}",
             )
 
 
 def _check_id(value: Any) -> str:
-    """A ``custom_id``/``id`` value -> the id string; raises _Bad for a value that is not one."""
+    """A ``custom_id``/``id`` value -> the id string; raises InputError for a value that is not one."""
     if isinstance(value, str):
         if not value.strip():
-            raise _Bad("invalid_id", "custom_id is empty")
+            raise InvalidId("custom_id is empty")
         if len(value) > MAX_ID_CHARS:
-            raise _Bad("invalid_id", f"custom_id is {len(value)} characters long, over {MAX_ID_CHARS}")
+            raise InvalidId(f"custom_id is {len(value)} characters long, over {MAX_ID_CHARS}")
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         if not _INT64[0] <= value <= _INT64[1]:
-            raise _Bad("invalid_id", f"custom_id {value} is outside the int64 range: write it as a string")
+            raise InvalidId(f"custom_id {value} is outside the int64 range: write it as a string")
         return str(value)
     if isinstance(value, float):  # also what JSON integers beyond 64 bits parse to
-        raise _Bad(
-            "invalid_id",
+        raise InvalidId(
             f"custom_id must be a string or a whole number in int64 range, got the number {value!r}: "
             "write it as a string to keep it exact",
         )
-    raise _Bad("invalid_input", f"custom_id must be a string or an integer, got {type(value).__name__}")
+    raise InvalidInput(f"custom_id must be a string or an integer, got {type(value).__name__}")
 
 
 def _is_batch_form(obj: dict[str, Any], fmt: str) -> bool:
@@ -237,19 +163,19 @@ def _id_value(obj: dict[str, Any], fmt: str) -> Any:
 
 
 def _normalise(obj: Any, opts: InputOptions) -> tuple[str | None, dict[str, Any]]:
-    """(custom_id or None, body) from a parsed JSON object; raises _Bad."""
+    """(custom_id or None, body) from a parsed JSON object; raises InputError."""
     if not isinstance(obj, dict):
-        raise _Bad("invalid_input", f"a line must be a JSON object, got {type(obj).__name__}")
+        raise InvalidInput(f"a line must be a JSON object, got {type(obj).__name__}")
     fmt = opts.input_format
     if fmt == "text":
-        raise _Bad("invalid_input", f"input_format {fmt!r} cannot read a JSON object")
+        raise InvalidInput(f"input_format {fmt!r} cannot read a JSON object")
     if _is_batch_form(obj, fmt):
         body = obj.get("body")
         if not isinstance(body, dict):
-            raise _Bad("invalid_input", f"'body' must be an object, got {type(body).__name__}")
+            raise InvalidInput(f"'body' must be an object, got {type(body).__name__}")
         method = obj.get("method")
         if method is not None and str(method).upper() != "POST":
-            raise _Bad("invalid_input", f"'method' must be POST, got {method!r}")
+            raise InvalidInput(f"'method' must be POST, got {method!r}")
     else:
         body = {k: v for k, v in obj.items() if k not in _NOT_BODY_KEYS}
     try:
@@ -257,13 +183,13 @@ def _normalise(obj: Any, opts: InputOptions) -> tuple[str | None, dict[str, Any]
         cid = None if raw_id is None else _check_id(raw_id)
         _check_messages(body.get("messages"))
         if opts.batch_path and body.get("stream"):
-            raise _Bad("stream_not_allowed", "'stream': true is not allowed on the batch path")
+            raise StreamNotAllowed("'stream': true is not allowed on the batch path")
         model = body.get("model")
         if model is not None and not isinstance(model, str):
-            raise _Bad("invalid_input", f"'model' must be a string, got {type(model).__name__}")
+            raise InvalidInput(f"'model' must be a string, got {type(model).__name__}")
         if opts.strict_model and model is not None and model != opts.model:
-            raise _Bad("model_mismatch", f"body model {model!r} differs from --model {opts.model!r}")
-    except _Bad as bad:
+            raise ModelMismatch(f"body model {model!r} differs from --model {opts.model!r}")
+    except InputError as bad:
         bad.body = body  # the row can name the request it refuses (request_sha256)
         raise
     return cid, body
@@ -379,7 +305,7 @@ def _salvage_id(text: str, fmt: str, *, replaced: bool = False) -> str | None:
         try:
             value = orjson.loads(found[0])
             cid = None if value is None else _check_id(value)
-        except (orjson.JSONDecodeError, _Bad):
+        except (orjson.JSONDecodeError, InputError):
             return None
         if cid is None or (replaced and "\ufffd" in cid):
             return None
@@ -421,7 +347,7 @@ def _encoding_hint(data: bytes) -> str:
 
 
 def _decode(data: bytes, encoding: str | None) -> str:
-    """A byte line -> text, strictly; raises _Bad("invalid_encoding").
+    """A byte line -> text, strictly; raises InvalidEncoding.
 
     With ``encoding`` set, a line that is valid UTF-8 is still read as UTF-8 (ASCII reads the same
     either way, and text in GBK, Latin-1, ... is almost never valid UTF-8), so a file that mixes
@@ -439,8 +365,7 @@ def _decode(data: bytes, encoding: str | None) -> str:
             "; if the file uses another encoding, set input_encoding (e.g. --input_encoding gbk)"
             if encoding is None else ""
         )
-        raise _Bad(
-            "invalid_encoding",
+        raise InvalidEncoding(
             f"line is not valid {encoding or 'utf-8'} text ({exc.reason} at byte {exc.start}: "
             f"0x{data[exc.start]:02x}), so it was not sent{hint}",
         ) from None
@@ -494,7 +419,7 @@ def _auto_text_json(line: str) -> Any:
 
 def _text_body(line: str, opts: InputOptions) -> dict[str, Any]:
     if not line:
-        raise _Bad("empty_prompt", "empty line")
+        raise EmptyPrompt("empty line")
     messages = []
     if opts.system:
         messages.append({"role": "system", "content": opts.system})
@@ -526,7 +451,7 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
             data = orjson.dumps(item)
         except TypeError as exc:
             rep = repr(item).encode("utf-8", "backslashreplace")
-            return ChatResult.failure(_line_id(rep), "invalid_input", f"not JSON-serialisable: {exc}")
+            return ChatResult.failure(_line_id(rep), InvalidInput.error_type, f"not JSON-serialisable: {exc}")
         text = data.decode("utf-8")
         obj = item
     elif isinstance(item, (bytes, bytearray, memoryview)):
@@ -541,8 +466,7 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
             except UnicodeEncodeError as exc:
                 where = f"U+{ord(text[exc.start]):04X} at character {exc.start}"
                 data, text = text.encode("utf-8", "surrogatepass"), None
-                raise _Bad(
-                    "invalid_encoding",
+                raise InvalidEncoding(
                     f"line holds a lone surrogate ({where}): not valid Unicode text, so it was not sent",
                 ) from None
         if obj is not None:
@@ -552,16 +476,14 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
                 text = _decode(data, opts.input_encoding)
             why = _binary_reason(text)
             if why is not None:
-                raise _Bad(
-                    "invalid_encoding",
+                raise InvalidEncoding(
                     f"line is binary, not text ({why}), so it was not sent{_encoding_hint(data)}",
                 )
             line = text.strip().lstrip("\ufeff")  # a byte-order mark on a file's first line
             if fmt == "auto" and not line.startswith("{"):
                 value = _auto_text_json(line)
                 if value is not _NOT_JSON:
-                    raise _Bad(
-                        "invalid_input",
+                    raise InvalidInput(
                         f"a line that is JSON must be an object (a request), got {_json_kind(value)}; "
                         "input_format='text' sends every line as a prompt",
                     )
@@ -571,21 +493,20 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
                 try:
                     obj = orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
-                    raise _Bad("invalid_json", f"invalid JSON: {exc}") from None
+                    raise InvalidJson(f"invalid JSON: {exc}") from None
                 cid, body = _normalise(obj, opts)
         size = len(orjson.dumps(body))
         if size > opts.max_request_bytes:
-            raise _Bad(
-                "request_too_large",
+            raise RequestTooLarge(
                 f"request body is {size} bytes, over max_request_bytes={opts.max_request_bytes}",
                 body,
             )
-    except _Bad as bad:
+    except InputError as bad:
         return _failure_row(bad, data, text, obj, opts)
     return ChatRequest(cid if cid is not None else derive_id(body), body, text)
 
 
-def _failure_row(bad: _Bad, data: bytes, text: str | None, obj: Any, opts: InputOptions) -> ChatResult:
+def _failure_row(bad: InputError, data: bytes, text: str | None, obj: Any, opts: InputOptions) -> ChatResult:
     """The failure row of a line: its id if one is certain (else one from its bytes), a bounded copy.
 
     ``request_sha256`` names the body (:func:`request_hash`) when the line got as far as having one.
@@ -595,15 +516,15 @@ def _failure_row(bad: _Bad, data: bytes, text: str | None, obj: Any, opts: Input
         try:
             raw_id = _id_value(obj, opts.input_format)
             cid = None if raw_id is None else _check_id(raw_id)
-        except _Bad:
+        except InputError:
             cid = None
-    elif bad.error_type in ("invalid_json", "invalid_encoding"):  # salvage the caller's id
+    elif isinstance(bad, (InvalidJson, InvalidEncoding)):  # salvage the caller's id
         if text is not None:
             cid = _salvage_id(text.strip().lstrip("\ufeff"), opts.input_format)
         elif data.lstrip(b" \t\r\xef\xbb\xbf")[:1] == b"{":  # (the gate may skip a byte-order mark)
             guess = data.decode(opts.input_encoding or "utf-8", "replace").strip().lstrip("\ufeff")
             cid = _salvage_id(guess, opts.input_format, replaced=True)
-    kept, note = _kept_line(data, text, escape=bad.error_type == "invalid_encoding")
+    kept, note = _kept_line(data, text, escape=isinstance(bad, InvalidEncoding))
     return ChatResult.failure(
         cid or _line_id(data),
         bad.error_type,

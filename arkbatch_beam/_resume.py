@@ -9,8 +9,8 @@ output folder are keyed in too. Per id:
   smallest input line, so the same on every run) is sent, or its bad-input row emitted; any
   other item with the same id becomes a ``duplicate_custom_id`` failure row, never sent.
 
-"Final" is decided by one table, :data:`~arkbatch_beam._types.ERROR_TYPES` (see
-:func:`~arkbatch_beam._types.final_on_resume`): an ``ok`` row, or the server's own verdict on
+"Final" is decided by one table, :data:`~arkbatch_beam._errors.ERROR_TYPES` (see
+:func:`~arkbatch_beam._errors.final_on_resume`): an ``ok`` row, or the server's own verdict on
 a valid request (``rejected``). Whatever the input or the options decided (a bad line, no
 model, a duplicate id, a wrong key) and every retryable failure is decided afresh on the next
 run, so fixing the input or an option and re-running with ``--resume`` sends what it fixed;
@@ -31,8 +31,7 @@ Example:
     >>> reqs = [ChatRequest("a", {"messages": []}, "x"), ChatRequest("a", {"messages": []}, "y")]
     >>> with beam.Pipeline() as p:
     ...     out = p | beam.Create(reqs) | DedupeAndSkip(None)
-    ...     _ = out.send | "s" >> beam.Map(lambda r: print("send", r.raw))
-    ...     _ = out.failed | "f" >> beam.Map(lambda r: print(r["error_type"]))
+    ...     _ = out | beam.Map(lambda x: print("send", x.raw) if isinstance(x, ChatRequest) else print(x["error_type"]))
     send x
     duplicate_custom_id
 """
@@ -48,23 +47,14 @@ from apache_beam import typehints
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import _runtime
+from ._errors import DUPLICATE, InternalError, final_on_resume
 from ._inputs import InputOptions, parse_input
+from ._progress import JobProgress
 from ._sink import FAILURES_DIR, RESULTS_DIR, part_files, read_columns
-from ._types import (
-    DUPLICATE,
-    RESULT_FIELDS,
-    STATUS_FAILED,
-    ChatRequest,
-    ChatResult,
-    final_on_resume,
-    request_hash,
-)
+from ._types import NAMESPACE, RESULT_FIELDS, STATUS_FAILED, ChatRequest, ChatResult, request_hash
 
 log = logging.getLogger("arkbatch_beam")
 
-FAILED_TAG = "failed"
-INTERNAL_ERROR = "internal_error"
 _REQUEST_JSON = RESULT_FIELDS.index("request_json")
 _REQUEST_SHA = RESULT_FIELDS.index("request_sha256")
 
@@ -167,16 +157,17 @@ def _sort_key(value: Shuffled) -> tuple[int, str]:
 
 
 class _Resolve(beam.DoFn):
-    def __init__(self, tagged: bool = True, options: InputOptions | None = None) -> None:
-        self._tagged = tagged
+    def __init__(self, options: InputOptions | None, progress: JobProgress | None) -> None:
         self._options = options
+        self._progress = progress
 
-    def _failed(self, row: dict[str, Any]) -> Any:
-        return beam.pvalue.TaggedOutput(FAILED_TAG, row) if self._tagged else row
+    def _skip(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.add_skipped(n)
 
     def setup(self) -> None:
-        self._skipped = Metrics.counter("arkbatch", "skipped_done")
-        self._dups = Metrics.counter("arkbatch", "duplicates")
+        self._skipped = Metrics.counter(NAMESPACE, "skipped_done")
+        self._dups = Metrics.counter(NAMESPACE, "duplicates")
         self._last_line: tuple[str, str | None] | None = None
 
     def process(self, group: tuple[str, Iterable[Shuffled]]):
@@ -200,14 +191,14 @@ class _Resolve(beam.DoFn):
                 best, best_key = value, key
         if done:
             self._skipped.inc(n)
-            _runtime.note_skipped(n)
+            self._skip(n)
             return
         if best_key is None:
             return
         yield self._winner(cid, best)
         if n == 1:
             return
-        _runtime.note_skipped(n - 1)
+        self._skip(n - 1)
         # Pass 2: every other copy becomes a duplicate_custom_id row, emitted as it is read.
         passed_winner = False
         for value in values:
@@ -218,14 +209,14 @@ class _Resolve(beam.DoFn):
                 continue
             self._dups.inc()
             raw, sha = self._line_and_hash(value)
-            yield self._failed(
+            yield (
                 ChatResult.failure(
                     cid,
                     DUPLICATE,
                     f"custom_id {cid!r} appears more than once in the input; only one copy is sent",
                     request_json=raw,
                     request_sha256=sha,
-                ).to_row(),
+                ).to_row()
             )
 
     def _parse(self, line: str) -> ChatRequest | None:
@@ -236,16 +227,16 @@ class _Resolve(beam.DoFn):
         if isinstance(value, ChatRequest):
             return value
         if isinstance(value, tuple):
-            return self._failed(dict(zip(RESULT_FIELDS, value, strict=True)))
+            return dict(zip(RESULT_FIELDS, value, strict=True))
         assert isinstance(value, str)
         request = self._parse(value)
         if request is not None and request.custom_id == cid:
             return request
         # The parser read this line as a valid request with this id before the shuffle: a
         # different verdict now is a fault here (never a reason to fail the job).
-        return self._failed(
+        return (
             ChatResult.failure(
-                cid, INTERNAL_ERROR, "the request could not be rebuilt from its input line after the dedupe "
+                cid, InternalError.error_type, "the request could not be rebuilt from its input line after the dedupe "
                 "shuffle (parsed differently the second time)", request_json=value,
             ).to_row()
         )
@@ -265,11 +256,11 @@ class _Resolve(beam.DoFn):
 
 
 class DedupeAndSkip(beam.PTransform):
-    """Requests and bad-input rows -> one request per id (``send``) and failure rows (``failed``).
+    """Requests and bad-input rows -> one request per id, and failure rows (dicts), in one PCollection.
 
     Args:
         done_ids: a PCollection of ids that already have a final row, or ``None``.
-        tagged: ``False`` returns one PCollection: requests and failure rows (dicts) together.
+        progress: counts the ids that need no request (done, duplicates) for the progress line.
         input_options: the options the requests were parsed with. Given, a request crosses
             the shuffle as its input line alone and is parsed again after it (about half the
             bytes); ``None`` carries the parsed request (its body and its line).
@@ -278,7 +269,7 @@ class DedupeAndSkip(beam.PTransform):
         >>> opts = InputOptions()
         >>> items = [parse_input(line, opts) for line in ("hi", " hi")]  # one derived id
         >>> with beam.Pipeline() as p:
-        ...     out = p | beam.Create(items) | DedupeAndSkip(None, tagged=False, input_options=opts)
+        ...     out = p | beam.Create(items) | DedupeAndSkip(None, input_options=opts)
         ...     _ = out | beam.Map(lambda x: print(repr(x.raw) if isinstance(x, ChatRequest) else x["error_type"]))
         ' hi'
         duplicate_custom_id
@@ -288,13 +279,13 @@ class DedupeAndSkip(beam.PTransform):
         self,
         done_ids: beam.PCollection | None,
         *,
-        tagged: bool = True,
         input_options: InputOptions | None = None,
+        progress: JobProgress | None = None,
     ) -> None:
         super().__init__()
         self._done = done_ids
-        self._tagged = tagged
         self._options = input_options
+        self._progress = progress
 
     def expand(self, items: beam.PCollection) -> Any:
         rebuildable = self._options is not None
@@ -304,9 +295,8 @@ class DedupeAndSkip(beam.PTransform):
         if self._done is not None:
             done = self._done | "KeyDone" >> beam.Map(lambda cid: (cid, None))
             keyed = (keyed, done) | "WithDone" >> beam.Flatten()
-        resolve = beam.ParDo(_Resolve(self._tagged, self._options))
         return (
             keyed
             | "GroupById" >> beam.GroupByKey()
-            | "Resolve" >> (resolve.with_outputs(FAILED_TAG, main="send") if self._tagged else resolve)
+            | "Resolve" >> beam.ParDo(_Resolve(self._options, self._progress))
         )

@@ -26,11 +26,11 @@ import email.utils
 import math
 from collections.abc import Mapping
 
-from ._config import Backoff
-from ._errors import ArkError, InvalidResponse
+from ._config import MAX_TIMEOUT, Backoff
+from ._errors import ArkError, AttemptsExhausted, DeadlineExceeded, InvalidResponse
 
 # A Retry-After longer than this is treated as "this long" (72 h: the longest deadline).
-MAX_RETRY_AFTER = 72 * 3600.0
+MAX_RETRY_AFTER = MAX_TIMEOUT
 
 
 def _parse_seconds(value: str) -> float | None:
@@ -124,8 +124,8 @@ class Decision:
     server_said: bool = False
 
 
-DEADLINE = "deadline_exceeded"
-EXHAUSTED = "attempts_exhausted"
+DEADLINE = DeadlineExceeded.error_type
+EXHAUSTED = AttemptsExhausted.error_type
 
 
 def next_delay(

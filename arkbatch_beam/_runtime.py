@@ -40,16 +40,13 @@ from typing import Any
 
 from ._client import ArkClient, ClientStats
 from ._config import ClientConfig
+from ._errors import RuntimeDied
+from ._progress import JobProgress
 from ._types import ChatRequest, ChatResult
 
 log = logging.getLogger("arkbatch_beam")
 
 BatchSink = Callable[[list[tuple[Any, ChatResult]]], None]
-
-
-class RuntimeDied(RuntimeError):
-    """The runtime's loop thread is gone: the bundle fails (the runner retries it) and the next
-    :func:`acquire` builds a fresh runtime."""
 
 
 class SharedRuntime:
@@ -72,6 +69,8 @@ class SharedRuntime:
         self._lock = threading.Lock()
         self._closed = False
         self.stats = ClientStats()
+        # The job whose totals the progress line shows (the last one attached in this process).
+        self.progress: JobProgress | None = None
         # Results for batch sinks, handed over once per loop iteration (one thread hop per batch).
         self._ready: dict[Any, tuple[BatchSink, list[tuple[Any, ChatResult]]]] = {}
         self._flush_handle: asyncio.Handle | None = None
@@ -232,26 +231,6 @@ class SharedRuntime:
             self._loop.close()
 
 
-# What the caller told this process about the job (the CLI, on an in-process runner):
-# how many input lines there are and how many ids a resume skipped, so the progress line
-# can show a fraction and an ETA. Other processes log rates only.
-_job_totals: dict[str, int] = {}
-
-
-def set_expected_total(lines: int | None) -> None:
-    """Tell this process's progress lines how many inputs the whole job has (``None``: unknown)."""
-    if lines is None:
-        _job_totals.pop("lines", None)
-    else:
-        _job_totals["lines"] = int(lines)
-    _job_totals.pop("skipped", None)
-
-
-def note_skipped(n: int) -> None:
-    """Count ids that need no request (already done, duplicates) toward the progress fraction."""
-    _job_totals["skipped"] = _job_totals.get("skipped", 0) + n
-
-
 class _Progress:
     """One INFO line every ``progress_seconds`` per runtime, from the loop's own timer."""
 
@@ -286,9 +265,9 @@ class _Progress:
         paused = c.paused_for
         if paused > 0:
             text += f" paused (server asked; {paused:.0f}s left)"
-        total = _job_totals.get("lines")
-        if total:
-            todo = max(total - _job_totals.get("skipped", 0), done, 1)
+        to_send = rt.progress.to_send() if rt.progress is not None else None
+        if to_send:
+            todo = max(to_send, done, 1)
             text += f" of~{todo} ({100.0 * done / todo:.1f}%)"
             if rate > 0 and todo > done:
                 text += f" eta={_duration((todo - done) / rate)}"

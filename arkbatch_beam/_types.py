@@ -3,9 +3,8 @@
 Kept apart from the client so the input parser and the schema can use them without
 importing aiohttp. ``ChatResult``'s fields *are* the output schema's columns, in order.
 
-Also here, for the same reason (the parser, the DoFns, the resume step and the README share
-them): :func:`request_hash`, the ``request_sha256`` column's value, and :data:`ERROR_TYPES`,
-the one table of ``error_type`` values and of what ``--resume`` does with each.
+Also here, for the same reason (the parser, the DoFns and the resume step share it):
+:func:`request_hash`, the ``request_sha256`` column's value.
 
 Example:
     >>> r = ChatRequest("id-1", {"messages": [{"role": "user", "content": "hi"}]})
@@ -25,12 +24,13 @@ from typing import Any
 
 import orjson
 
+from ._errors import DUPLICATE  # noqa: F401 - the error_type of a repeated custom_id, used beside the statuses
+
 # The Beam metrics namespace of every counter and distribution this package reports.
 NAMESPACE = "arkbatch"
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
-DUPLICATE = "duplicate_custom_id"  # error_type of a repeated custom_id (never sent)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -130,108 +130,3 @@ def request_hash(body: Any) -> str | None:
         return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ErrorType:
-    """One value of the ``error_type`` column.
-
-    Args:
-        name: the value.
-        meaning: what it says (Markdown, one line).
-        retryable: what the row's ``retryable`` column holds.
-        final_on_resume: ``--resume`` leaves the id alone (without it, the id is read, checked
-            and sent again on every run; ``--retry_failed`` re-sends final failures too).
-        decided_by: ``server`` (its verdict on a valid request), ``limit`` (a retry limit
-            ended it), ``options``, ``input``, ``dedupe`` or ``runtime``.
-    """
-
-    name: str
-    meaning: str
-    retryable: bool
-    final_on_resume: bool
-    decided_by: str
-
-
-# The one table (the README's error-type table is rendered from it: render_error_types_table).
-# Rule: only the server's own verdict on a valid request is final on --resume; whatever the
-# input or the options decided, and every retryable outcome, is decided afresh on every run.
-ERROR_TYPES: tuple[ErrorType, ...] = (
-    ErrorType("rejected", "the server refused this request: a 4xx other than 401/403/404/408/409/429 "
-              "(e.g. 400 for a prompt over the context window)", False, True, "server"),
-    ErrorType("endpoint_error", "401/403/404: a wrong key, endpoint id or path (wrong for every request; "
-              "fixed on your side)", False, False, "server"),
-    ErrorType("invalid_response", "200 answers that were not a completion (empty, cut short, no `choices`), "
-              "`max_invalid_responses` times", True, False, "limit"),
-    ErrorType("deadline_exceeded", "`--timeout` ran out (or less than `--min_attempt_seconds` of it was left "
-              "for another attempt)", True, False, "limit"),
-    ErrorType("attempts_exhausted", "`--max_attempts` attempts failed without the server asking us to wait",
-              True, False, "limit"),
-    ErrorType("rate_limited", "429, or 503 with `Retry-After` (retried; a row that ends on it says "
-              "`deadline_exceeded` or `attempts_exhausted` and names it in `error_message`)", True, False, "limit"),
-    ErrorType("server_error", "408, 409 or 5xx (retried; named in `error_message` as above)", True, False, "limit"),
-    ErrorType("connection_error", "connection refused, reset or cut short (retried; named in `error_message` "
-              "as above)", True, False, "limit"),
-    ErrorType("attempt_timeout", "one attempt ran past `--attempt_timeout` (retried; named in `error_message` "
-              "as above)", True, False, "limit"),
-    ErrorType("invalid_request", "the request could not be sent: no `model` in the body and no `--model`, or "
-              "a body that cannot be serialised", False, False, "options"),
-    ErrorType("invalid_json", "the line is not valid JSON (its `custom_id` is salvaged when it can be)",
-              False, False, "input"),
-    ErrorType("invalid_encoding", "the line does not decode in `--input_encoding` (UTF-8 by default), or is binary; "
-              "`request_json` keeps its bytes with `\\xNN` escapes; never sent", False, False, "input"),
-    ErrorType("invalid_input", "JSON that is not a request: not an object, wrong types, `method` other than POST, ...",
-              False, False, "input"),
-    ErrorType("invalid_id", "the `custom_id` (or `id`) is not an exact id: a fraction or exponent, "
-              "outside int64, blank, or over 512 characters",
-              False, False, "input"),
-    ErrorType("no_messages", "no `messages`, or an empty list", False, False, "input"),
-    ErrorType("empty_prompt", "a user message with empty content", False, False, "input"),
-    ErrorType("request_too_large", "the body is over `--max_request_bytes`", False, False, "input"),
-    ErrorType("stream_not_allowed", "`stream: true` on Ark's batch path", False, False, "input"),
-    ErrorType("model_mismatch", "the body's `model` differs from `--model` under `--strict_model`",
-              False, False, "input"),
-    ErrorType(DUPLICATE, "another request has the same `custom_id`: only one copy is sent (with `--no_dedupe` "
-              "both are, and compaction keeps the second answer in this row)", False, False, "dedupe"),
-    ErrorType("cancelled", "the job stopped before the request ended", True, False, "runtime"),
-    ErrorType("internal_error", "a fault in this library while handling the request (`request_json` keeps it)",
-              False, False, "runtime"),
-)
-ERROR_TYPE_BY_NAME: dict[str, ErrorType] = {e.name: e for e in ERROR_TYPES}
-FINAL_ON_RESUME: frozenset[str] = frozenset(e.name for e in ERROR_TYPES if e.final_on_resume)
-
-
-def final_on_resume(status: str | None, error_type: str | None, retryable: bool | None) -> bool:
-    """Whether an existing row settles its id for ``--resume`` (the id is then not sent again).
-
-    An ``ok`` row does; so does a failure whose type is final in :data:`ERROR_TYPES` (the
-    server's verdict on a valid request) and that is not retryable. Anything else, including
-    an ``error_type`` this version does not know, is decided afresh on the next run.
-
-    Example:
-        >>> final_on_resume("ok", None, None), final_on_resume("failed", "rejected", False)
-        (True, True)
-        >>> final_on_resume("failed", "invalid_request", False), final_on_resume("failed", "no_messages", False)
-        (False, False)
-    """
-    if status == STATUS_OK:
-        return True
-    return not retryable and error_type in FINAL_ON_RESUME
-
-
-def render_error_types_table() -> str:
-    """:data:`ERROR_TYPES` as the Markdown table the README holds (between its markers).
-
-    Example:
-        >>> print(render_error_types_table().splitlines()[0])
-        | error_type | meaning | retryable | final on --resume |
-        >>> [line.split(" | ")[0] for line in render_error_types_table().splitlines() if "**yes**" in line]
-        ['| `rejected`']
-    """
-    lines = ["| error_type | meaning | retryable | final on --resume |", "|---|---|---|---|"]
-    for e in ERROR_TYPES:
-        lines.append(
-            f"| `{e.name}` | {e.meaning} | {'yes' if e.retryable else 'no'} | "
-            f"{'**yes**' if e.final_on_resume else 'no'} |"
-        )
-    return "\n".join(lines) + "\n"

@@ -24,27 +24,34 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import apache_beam as beam
 
-from ._config import Backoff, ClientConfig, Endpoint
-from ._dofn import FAILED_TAG, InferDoFn, ParseDoFn
+from ._config import ClientConfig, Endpoint
+from ._dofn import InferDoFn, ParseDoFn
 from ._inputs import InputOptions
+from ._progress import JobProgress
 from ._resume import DedupeAndSkip, ReadDoneIds
+from ._types import STATUS_OK
+
+# The tag of the failure rows' output under with_exception_handling().
+FAILED_TAG = "failed"
+
+
+class _SplitByStatus(beam.DoFn):
+    def process(self, row: dict[str, Any]):
+        yield row if row["status"] == STATUS_OK else beam.pvalue.TaggedOutput(FAILED_TAG, row)
 
 
 class BatchChatInference(beam.PTransform):
-    """Chat inference over a PCollection of JSONL lines (str) or dicts.
+    """Chat inference over a PCollection of JSONL lines (str or bytes) or dicts.
 
     Args:
         endpoint: an Ark endpoint id (``"ep-..."``: Ark's base URL, batch path, key from
             ``ARK_API_KEY``), an :class:`Endpoint` for any OpenAI-compatible server, or a
-            complete :class:`ClientConfig` (then the next four arguments must be left unset).
-        max_concurrency: most requests in flight per worker process (Ark's workerNum).
-        timeout: per-request deadline in seconds (1 s .. 72 h, default 24 h).
-        attempt_timeout: optional bound on one attempt, seconds.
-        backoff: retry backoff for answers without ``Retry-After``.
+            complete :class:`ClientConfig`.
         input_options: how lines become requests (:class:`InputOptions`).
         dedupe: key requests by ``custom_id`` so a repeated id is sent once (the others
             become ``duplicate_custom_id`` failure rows); this shuffle also spreads the work
@@ -60,41 +67,37 @@ class BatchChatInference(beam.PTransform):
         retry_failed: with ``resume_from``, re-send ``rejected`` requests too.
         include_request: keep ``request_json`` on ok rows too (failures always keep it).
         max_pending: most outstanding requests per bundle (default 2 x max_concurrency).
+        progress: the job's :class:`JobProgress` (inputs expected, ids skipped) for the
+            progress lines; one is made when not given.
+        **overrides: any :class:`ClientConfig` field (``max_concurrency=200``,
+            ``timeout=3600``, ``backoff=Backoff(...)``, ...), applied over ``endpoint``'s
+            config (or the defaults).
     """
 
     def __init__(
         self,
         endpoint: str | Endpoint | ClientConfig,
         *,
-        max_concurrency: int | None = None,
-        timeout: float | None = None,
-        attempt_timeout: float | None = None,
-        backoff: Backoff | None = None,
         input_options: InputOptions | None = None,
         dedupe: bool = True,
         resume_from: str | None = None,
         retry_failed: bool = False,
         include_request: bool = False,
         max_pending: int | None = None,
+        progress: JobProgress | None = None,
+        **overrides: Any,
     ) -> None:
         super().__init__()
+        fields = {f.name for f in dataclasses.fields(ClientConfig)} - {"endpoint"}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(
+                f"BatchChatInference got unknown options {unknown}; the ClientConfig fields are {sorted(fields)}"
+            )
         if isinstance(endpoint, ClientConfig):
-            if any(v is not None for v in (max_concurrency, timeout, attempt_timeout, backoff)):
-                raise ValueError(
-                    "pass max_concurrency/timeout/attempt_timeout/backoff inside the ClientConfig"
-                )
-            config = endpoint
+            config = dataclasses.replace(endpoint, **overrides) if overrides else endpoint
         else:
-            kw: dict[str, Any] = {}
-            if max_concurrency is not None:
-                kw["max_concurrency"] = max_concurrency
-            if timeout is not None:
-                kw["timeout"] = timeout
-            if attempt_timeout is not None:
-                kw["attempt_timeout"] = attempt_timeout
-            if backoff is not None:
-                kw["backoff"] = backoff
-            config = ClientConfig(Endpoint(endpoint) if isinstance(endpoint, str) else endpoint, **kw)
+            config = ClientConfig(endpoint, **overrides)
         self.config = config
         self.input_options = input_options or InputOptions(
             model=config.endpoint.model, batch_path=config.endpoint.is_batch
@@ -108,11 +111,12 @@ class BatchChatInference(beam.PTransform):
         if max_pending is not None and not 1 <= max_pending <= 1_000_000:
             raise ValueError(f"max_pending must be in 1..1000000, got {max_pending}")
         self._max_pending = max_pending
-        self._split = False
+        self.progress = progress or JobProgress()
+        self._exception_handling = False
 
     def with_exception_handling(self) -> BatchChatInference:
         """Return ``(results, failures)`` from ``expand`` instead of one PCollection."""
-        self._split = True
+        self._exception_handling = True
         return self
 
     def display_data(self) -> dict[str, Any]:
@@ -131,7 +135,7 @@ class BatchChatInference(beam.PTransform):
         # rows through) and no Flatten: runners that materialise a Flatten (Beam's in-process
         # FnApiRunner) would otherwise hold every result until the end instead of letting a
         # writer fused after this transform make them durable as they come.
-        items = lines | "Parse" >> beam.ParDo(ParseDoFn(self.input_options, tagged=False))
+        items = lines | "Parse" >> beam.ParDo(ParseDoFn(self.input_options, self.progress))
         if self._dedupe:
             done = None
             if self._resume_from is not None:
@@ -139,16 +143,18 @@ class BatchChatInference(beam.PTransform):
                     self._resume_from, retry_failed=self._retry_failed
                 )
             # Requests cross this shuffle as their input line only and are parsed again after it.
-            items = items | "Dedupe" >> DedupeAndSkip(done, tagged=False, input_options=self.input_options)
-        infer = beam.ParDo(
+            items = items | "Dedupe" >> DedupeAndSkip(
+                done, input_options=self.input_options, progress=self.progress
+            )
+        rows = items | "Infer" >> beam.ParDo(
             InferDoFn(
                 self.config,
                 max_pending=self._max_pending,
                 include_request=self._include_request,
-                split=self._split,
+                progress=self.progress,
             )
         )
-        if self._split:
-            inferred = items | "Infer" >> infer.with_outputs(FAILED_TAG, main="ok")
-            return inferred.ok, inferred[FAILED_TAG]
-        return items | "Infer" >> infer
+        if self._exception_handling:
+            split = rows | "SplitByStatus" >> beam.ParDo(_SplitByStatus()).with_outputs(FAILED_TAG, main="ok")
+            return split.ok, split[FAILED_TAG]
+        return rows

@@ -6,9 +6,12 @@ Usage (any Beam pipeline option passes through: --runner, --direct_num_workers, 
     python -m pipelines.batch_chat --input 'prompts/*.jsonl' --output out/ \\
         --model ep-2024... --max_concurrency 500 --timeout 86400
 
-Options become one validated config here, at the edge; a bad option fails before the
-pipeline starts, naming the option and its accepted range. The exit code is 0 when the
-pipeline ran, even if some rows failed; the last line printed is a one-line summary.
+The story of a job, one named step each (:func:`run`): parse the flags into validated configs
+(a bad option fails here, naming the flag and its accepted range; a flag that neither this CLI
+nor Beam knows fails with a "did you mean"), check the environment, the input and the output
+folder, probe the endpoint, run the pipeline, read the output back and print the summary. The
+exit code is 0 when the pipeline ran, even if some rows failed; the last line printed is the
+summary. Every flag comes from one config field's definition (``arkbatch_beam._config``).
 
 Example:
     >>> from pipelines.batch_chat import build_parser
@@ -19,6 +22,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -37,23 +42,28 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from arkbatch_beam import (
-    ARK_BASE_URL,
-    ARK_BATCH_PATH,
-    Backoff,
+    FAILURES_DIR,
+    NAMESPACE,
+    RESULTS_DIR,
     BatchChatInference,
+    ChatRequest,
     ClientConfig,
-    Endpoint,
+    CompactOutput,
     InputOptions,
+    JobProgress,
+    OptionError,
+    SinkConfig,
     WriteResults,
-    _runtime,
+    add_flags,
+    flags,
+    from_flags,
+    job_error_in,
+    option,
+    parse_input,
+    part_files,
+    row_to_item,
+    validate,
 )
-from arkbatch_beam._attempt import MissingApiKey
-from arkbatch_beam._config import DEFAULT_MAX_CONCURRENCY, DEFAULT_TIMEOUT, Keepalive
-from arkbatch_beam._dofn import EndpointUnusable
-from arkbatch_beam._types import NAMESPACE
-from arkbatch_beam._inputs import INPUT_FORMATS, parse_input, row_to_item
-from arkbatch_beam._sink import FAILURES_DIR, RESULTS_DIR, CompactOutput, part_files
-from arkbatch_beam._types import ChatRequest
 from arkbatch_beam.report import summarize, top_reasons
 
 log = logging.getLogger("arkbatch_beam")
@@ -63,69 +73,86 @@ class UsageError(Exception):
     """A bad option or environment, reported before the pipeline starts."""
 
 
+@dataclasses.dataclass(frozen=True)
+class JobOptions:
+    """The CLI's own options (the client's, the input's and the output's are config classes)."""
+
+    input: str = option(help="JSONL/text (also .gz) or Parquet path or glob (local or gs://)")
+    output: str = option(help="output folder (local or gs://)")
+    input_format: str = option("auto", choices=("auto", "batch", "chat", "text", "parquet"),
+                               help="how a line is read (auto: Parquet when --input ends in .parquet, else "
+                               "detected per line)")
+    prompt_column: str = option("prompt", help="Parquet input: the column holding the prompt (a string, or a "
+                                "list of messages)")
+    id_column: str | None = option(None, help="Parquet input: the column holding the custom_id (none: derived "
+                                   "from the prompt)")
+    include_request: bool = option(False, kind=bool, help="keep request_json on ok rows too")
+    resume: bool = option(False, kind=bool, help="skip ids that already have a final row under --output (ok, or "
+                          "rejected by the server); everything else is read, checked and sent again")
+    retry_failed: bool = option(False, kind=bool, help="with --resume, re-send rejected requests too")
+    no_dedupe: bool = option(False, kind=bool, help="no shuffle by custom_id: flat memory on the DirectRunner for "
+                             "very large inputs; a repeated id is sent again; not with --resume")
+    no_compact: bool = option(False, kind=bool, help="leave the parts; do not merge them at the end")
+    no_preflight: bool = option(False, kind=bool, help="skip the endpoint reachability check")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# Every config class whose fields are flags, in the order --help and the README show them.
+CONFIG_CLASSES: tuple[type, ...] = (JobOptions, ClientConfig, InputOptions, SinkConfig)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's own flags (Beam's pipeline options are parsed separately)."""
+    """The CLI's flags, generated from the config fields (Beam's options are parsed separately)."""
     p = argparse.ArgumentParser(
         prog="python -m pipelines.batch_chat",
         description="Run chat prompts through Ark batch inference (or any OpenAI-compatible "
-        "endpoint) on Apache Beam; write Parquet results and failures.",
+        "endpoint) on Apache Beam; write Parquet results and failures. Any Beam pipeline option "
+        "(--runner, --direct_num_workers, ...) passes through.",
+        allow_abbrev=False,
     )
-    p.add_argument("--input", required=True,
-                   help="JSONL/text (also .gz) or Parquet path or glob (local or gs://)")
-    p.add_argument("--output", required=True, help="output folder (local or gs://)")
-    p.add_argument("--model", default=None, help="endpoint id / model for bodies without one")
-    p.add_argument("--base_url", default=ARK_BASE_URL)
-    p.add_argument("--path", default=ARK_BATCH_PATH, help="/batch/chat/completions or /chat/completions")
-    p.add_argument("--api_key_env", default="ARK_API_KEY", help="env var holding the key ('' = none)")
-    p.add_argument("--max_concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY,
-                   help="requests in flight per worker process, 1..10000")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help="per-request deadline in seconds, 1..259200 (72 h)")
-    p.add_argument("--attempt_timeout", type=float, default=None, help="bound on one attempt, s")
-    p.add_argument("--connect_timeout", type=float, default=10.0)
-    p.add_argument("--max_attempts", type=int, default=20,
-                   help="most attempts that fail without the server announcing a wait (0 = until the deadline)")
-    p.add_argument("--min_attempt_seconds", type=float, default=1.0,
-                   help="no attempt starts with less than this much of the deadline left")
-    p.add_argument("--tcp_keepalive_idle", type=int, default=60,
-                   help="seconds a connection may sit idle before TCP keepalive probes start (0 = off)")
-    p.add_argument("--tcp_keepalive_interval", type=int, default=15, help="seconds between keepalive probes")
-    p.add_argument("--tcp_keepalive_count", type=int, default=4,
-                   help="unanswered probes before the connection is dropped")
-    p.add_argument("--backoff_initial", type=float, default=0.5)
-    p.add_argument("--backoff_max", type=float, default=8.0)
-    p.add_argument("--input_format", default="auto",
-                   help="auto|batch|chat|text|parquet (auto: parquet when --input ends in .parquet, "
-                   "else detected per line)")
-    p.add_argument("--input_encoding", default=None,
-                   help="codec of text/JSONL input: gbk, gb18030, shift_jis, latin-1, ... (default: UTF-8). A line "
-                   "that does not decode, or is binary, becomes an invalid_encoding failure row, never a prompt")
-    p.add_argument("--prompt_column", default="prompt",
-                   help="Parquet input: the column holding the prompt (a string, or a list of messages)")
-    p.add_argument("--id_column", default=None,
-                   help="Parquet input: the column holding the custom_id (default: derived from the prompt)")
-    p.add_argument("--system", default=None, help="system prompt for plain-text prompts")
-    p.add_argument("--strict_model", action="store_true", help="reject bodies whose model differs")
-    p.add_argument("--max_request_bytes", type=int, default=4 * 1024 * 1024)
-    p.add_argument("--include_request", action="store_true", help="keep request_json on ok rows")
-    p.add_argument("--part_rows", type=int, default=500, help="rows per Parquet part, at most")
-    p.add_argument("--part_seconds", type=float, default=5.0, help="part age before it is written")
-    p.add_argument("--resume", action="store_true",
-                   help="skip ids that already have a final row under --output (ok, or rejected by the server); "
-                   "everything else is read, checked and sent again")
-    p.add_argument("--retry_failed", action="store_true", help="with --resume, re-send rejected requests too")
-    p.add_argument("--no_dedupe", action="store_true",
-                   help="no shuffle by custom_id: flat memory on the DirectRunner for very large inputs; "
-                   "a repeated id is sent again (compaction keeps one row per id and request; an answer to "
-                   "another request with the same id is kept as a duplicate_custom_id row); not with --resume")
-    p.add_argument("--no_compact", action="store_true", help="leave the parts; do not merge at the end")
-    p.add_argument("--no_preflight", action="store_true", help="skip the endpoint reachability check")
-    p.add_argument("--progress_seconds", type=float, default=30.0,
-                   help="each worker process logs a progress line this often, 1..86400 (0: off)")
-    p.add_argument("--max_requests_per_second", type=float, default=None,
-                   help="bound on requests started per second by each worker process (per model), "
-                   "0.01..100000; a fleet's share of a quota (default: no bound but the cap)")
+    add_flags(p, *CONFIG_CLASSES)
     return p
+
+
+def our_flags() -> list[str]:
+    """Every flag of this CLI, without ``--``."""
+    return [f.name for cls in CONFIG_CLASSES for f in flags(cls)]
+
+
+def _beam_flags() -> set[str]:
+    """Every flag Beam's own pipeline option classes declare, without ``--``."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, conflict_handler="resolve")
+    seen: set[type] = set()
+    todo: list[type] = [PipelineOptions]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                todo.append(sub)
+                try:
+                    sub._add_argparse_args(parser)
+                except Exception:  # noqa: BLE001 - a user's options class we cannot read
+                    log.debug("could not read the options of %s", sub, exc_info=True)
+    return {s[2:] for s in parser._option_string_actions if s.startswith("--")}
+
+
+def check_unknown_flags(beam_args: Sequence[str]) -> None:
+    """Fail fast on a ``--flag`` that neither this CLI nor Beam's options know, with a "did you mean".
+
+    Beam would only warn ("Discarding unparseable args") and the job would run at the default.
+    """
+    known = _beam_flags()
+    for arg in beam_args:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0]
+        if name in known or (name.startswith("no_") and name[3:] in known):
+            continue
+        close = difflib.get_close_matches(name, [*our_flags(), *known], n=1, cutoff=0.75)
+        hint = f": did you mean --{close[0]}?" if close else " (python -m pipelines.batch_chat --help lists ours)"
+        raise UsageError(f"unknown option --{name}{hint}")
 
 
 def is_parquet(args: argparse.Namespace) -> bool:
@@ -135,57 +162,49 @@ def is_parquet(args: argparse.Namespace) -> bool:
     )
 
 
-def _config_from(args: argparse.Namespace) -> tuple[ClientConfig, InputOptions]:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One job's validated configuration, built from the flags once."""
+
+    args: argparse.Namespace
+    options: JobOptions
+    config: ClientConfig
+    inputs: InputOptions
+    sink: SinkConfig
+    beam_args: tuple[str, ...] = ()
+
+    @property
+    def output(self) -> str:
+        return self.options.output.rstrip("/")
+
+
+def configure(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> Job:
+    """The flags -> validated configs; a bad value is a :class:`UsageError` naming its flag."""
+    values = vars(args)
     try:
-        formats = (*INPUT_FORMATS, "parquet")
-        if args.input_format not in formats:
-            raise ValueError(f"input_format must be one of {', '.join(formats)}, got {args.input_format!r}")
-        if args.input_encoding and is_parquet(args):
-            raise ValueError("input_encoding applies to text/JSONL input, not Parquet")
-        if not args.model and (args.input_format == "text" or is_parquet(args)):
-            raise ValueError(f"model is needed with {'Parquet' if is_parquet(args) else 'plain-text'} input "
-                             "(its prompts carry no model): pass --model ID")
-        endpoint = Endpoint(
-            args.model, base_url=args.base_url, path=args.path, api_key_env=args.api_key_env
-        )
-        config = ClientConfig(
-            endpoint,
-            max_concurrency=args.max_concurrency,
-            timeout=args.timeout,
-            attempt_timeout=args.attempt_timeout,
-            connect_timeout=args.connect_timeout,
-            backoff=Backoff(initial=args.backoff_initial, max_delay=args.backoff_max),
-            progress_seconds=args.progress_seconds,
-            max_requests_per_second=args.max_requests_per_second,
-            max_attempts=args.max_attempts,
-            min_attempt_seconds=args.min_attempt_seconds,
-            keepalive=None if args.tcp_keepalive_idle == 0 else Keepalive(
-                idle=args.tcp_keepalive_idle, interval=args.tcp_keepalive_interval, count=args.tcp_keepalive_count),
-        )
-        inputs = InputOptions(
+        options = from_flags(JobOptions, values)
+        parquet = is_parquet(args)
+        if args.input_encoding and parquet:
+            raise OptionError("--input_encoding", "applies to text/JSONL input, not Parquet")
+        if not args.model and (args.input_format == "text" or parquet):
+            raise OptionError("--model", f"is needed with {'Parquet' if parquet else 'plain-text'} input "
+                              "(its prompts carry no model): pass --model ID")
+        config = from_flags(ClientConfig, values)
+        inputs = from_flags(
+            InputOptions, values,
             # Parquet rows become chat-form dicts before parsing (see build_pipeline).
-            input_format="chat" if is_parquet(args) else args.input_format,
-            system=args.system,
+            input_format="chat" if parquet else args.input_format,
             model=args.model,
-            strict_model=args.strict_model,
-            max_request_bytes=args.max_request_bytes,
-            batch_path=endpoint.is_batch,
-            input_encoding=args.input_encoding,
+            batch_path=config.endpoint.is_batch,
         )
-        if not 1 <= args.part_rows <= 10_000_000:
-            raise ValueError(f"part_rows must be in 1..10000000, got {args.part_rows}")
-        if not 0.1 <= args.part_seconds <= 86400:
-            raise ValueError(f"part_seconds must be in 0.1..86400, got {args.part_seconds}")
-    except ValueError as exc:
-        msg = str(exc)
-        if msg.startswith("backoff."):
-            msg = "--backoff_" + msg[len("backoff."):].replace("max_delay", "max", 1)
-        elif msg.startswith("keepalive."):
-            msg = "--tcp_keepalive_" + msg[len("keepalive."):]
-        else:
-            msg = "--" + msg
-        raise UsageError(msg) from None
-    return config, inputs
+        sink = from_flags(SinkConfig, values)
+    except OptionError as exc:
+        raise UsageError(str(exc)) from None
+    if options.retry_failed and not options.resume:
+        raise UsageError("--retry_failed needs --resume")
+    if options.no_dedupe and options.resume:
+        raise UsageError("--resume needs the dedupe shuffle: drop --no_dedupe")
+    return Job(args, options, config, inputs, sink, tuple(beam_args))
 
 
 def preflight(config: ClientConfig) -> None:
@@ -274,16 +293,15 @@ def count_inputs(args: argparse.Namespace, files: list[Any]) -> int:
     return total
 
 
-def _count_in_background(args: argparse.Namespace, files: list[Any]) -> None:
-    """Give this process's progress lines a total (so they show % and an ETA), off the main thread."""
+def count_in_background(args: argparse.Namespace, files: list[Any], progress: JobProgress) -> None:
+    """Give the progress lines a total (so they show % and an ETA), counted off the main thread."""
 
     def work() -> None:
         try:
-            _runtime.set_expected_total(count_inputs(args, files))
+            progress.set_total(count_inputs(args, files))
         except Exception:  # noqa: BLE001 - progress without a total is still progress
             log.debug("could not count the inputs", exc_info=True)
 
-    _runtime.set_expected_total(None)
     threading.Thread(target=work, name="arkbatch-count", daemon=True).start()
 
 
@@ -308,109 +326,106 @@ def _job_metrics(result: Any) -> tuple[dict[str, int], float | None]:
     return counters, span
 
 
-def build_pipeline(
-    p: beam.Pipeline,
-    args: argparse.Namespace,
-    *,
-    config: ClientConfig | None = None,
-    inputs: InputOptions | None = None,
-) -> None:
+def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, *, job: Job | None = None,
+                   progress: JobProgress | None = None) -> None:
     """Add the CLI's steps to ``p`` (read -> infer -> Parquet parts -> compact) without running.
 
-    ``args`` are the CLI's parsed flags (:func:`build_parser`); ``config``/``inputs`` default to
-    the ones they describe. Nothing here touches the endpoint or the output folder, so a graph
-    for any runner (e.g. Dataflow) can be built and inspected offline.
+    ``args`` are the CLI's parsed flags (:func:`build_parser`). Nothing here touches the endpoint
+    or the output folder, so a graph for any runner (e.g. Dataflow) can be built and inspected
+    offline.
     """
-    if config is None or inputs is None:
-        config, inputs = _config_from(args)
-    output = args.output.rstrip("/")
+    job = job or configure(args)
+    opts, output = job.options, job.output
     if is_parquet(args):
         lines = (
             p
-            | "Read" >> beam.io.ReadFromParquet(args.input)
-            | "Rows" >> beam.Map(row_to_item, args.prompt_column, args.id_column, args.system)
+            | "Read" >> beam.io.ReadFromParquet(opts.input)
+            | "Rows" >> beam.Map(row_to_item, opts.prompt_column, opts.id_column, job.inputs.system)
         )
     else:
         # Bytes, not str: parse_input decodes each line strictly (--input_encoding, else UTF-8), so a
         # line that does not decode becomes an invalid_encoding failure row instead of failing the reader.
-        lines = p | "Read" >> beam.io.ReadFromText(args.input, coder=beam.coders.BytesCoder())
+        lines = p | "Read" >> beam.io.ReadFromText(opts.input, coder=beam.coders.BytesCoder())
     ok, failures = (
         lines
         | "Infer" >> BatchChatInference(
-            config,
-            input_options=inputs,
-            include_request=args.include_request,
-            dedupe=not args.no_dedupe,
-            resume_from=output if args.resume else None,
-            retry_failed=args.retry_failed,
+            job.config,
+            input_options=job.inputs,
+            include_request=opts.include_request,
+            dedupe=not opts.no_dedupe,
+            resume_from=output if opts.resume else None,
+            retry_failed=opts.retry_failed,
+            progress=progress,
         ).with_exception_handling()
     )
     # Each output straight into its writer (no Flatten in between), so the writers fuse
     # with inference and parts become durable while the job runs, on every runner.
     parts = (
-        ok | "WriteResults" >> WriteResults(output, max_rows=args.part_rows, max_seconds=args.part_seconds),
-        failures
-        | "WriteFailures" >> WriteResults(output, max_rows=args.part_rows, max_seconds=args.part_seconds),
+        ok | "WriteResults" >> WriteResults(output, max_rows=job.sink.part_rows, max_seconds=job.sink.part_seconds),
+        failures | "WriteFailures" >> WriteResults(output, max_rows=job.sink.part_rows,
+                                                    max_seconds=job.sink.part_seconds),
     ) | "AllParts" >> beam.Flatten()
-    if not args.no_compact:
+    if not opts.no_compact:
         _ = parts | "Compact" >> CompactOutput(output)
 
 
-def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -> dict[str, Any]:
-    """Parse ``argv``, run the pipeline, print and return the summary."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args, beam_args = build_parser().parse_known_args(argv)
-    config, inputs = _config_from(args)
-    ep = config.endpoint
-    direct = not any(a.startswith("--runner") for a in beam_args) or any(
-        "DirectRunner" in a or "PrismRunner" in a for a in beam_args
-    )
+def check_environment(job: Job) -> None:
+    """The key's variable is set where the workers run (here, on an in-process runner)."""
+    ep = job.config.endpoint
     if ep.api_key_env and not os.environ.get(ep.api_key_env):
-        if direct:
+        if runs_here(job):
             raise UsageError(
                 f"environment variable {ep.api_key_env} is not set: export the API key there "
                 "(it is read in the workers, never put in the pipeline)"
             )
         log.warning("%s is not set here; the workers must have it in their environment", ep.api_key_env)
-    if config.timeout < 600 and not ep.base_url.startswith(("http://127.", "http://localhost")):
-        log.warning("--timeout %gs is below Ark's advised 10 minutes for batch endpoints", config.timeout)
-    files = check_input(args)
-    check_model(args, files, inputs)
-    if not args.no_preflight:
-        preflight(config)
-    options = PipelineOptions(beam_args, save_main_session=save_main_session)
-    output = args.output.rstrip("/")
-    if args.retry_failed and not args.resume:
-        raise UsageError("--retry_failed needs --resume")
-    if args.no_dedupe and args.resume:
-        raise UsageError("--resume needs the dedupe shuffle: drop --no_dedupe")
-    if not args.resume and _has_parts(output):
+    if job.config.timeout < 600 and not ep.base_url.startswith(("http://127.", "http://localhost")):
+        log.warning("--timeout %gs is below Ark's advised 10 minutes for batch endpoints", job.config.timeout)
+
+
+def runs_here(job: Job) -> bool:
+    """Whether the runner runs the workers on this machine (DirectRunner, Prism)."""
+    return not any(a.startswith("--runner") for a in job.beam_args) or any(
+        "DirectRunner" in a or "PrismRunner" in a for a in job.beam_args
+    )
+
+
+def check_output(job: Job) -> None:
+    """A fresh job needs an empty output folder; ``--resume`` continues one."""
+    if not job.options.resume and _has_parts(job.output):
         raise UsageError(
-            f"--output {output} already holds results: add --resume to continue that job "
+            f"--output {job.output} already holds results: add --resume to continue that job "
             "(only missing ids are sent), or choose an empty folder"
         )
-    if direct and config.progress_seconds:
-        # The DirectRunner runs the workers in this process: show their progress lines here.
+
+
+def execute(job: Job, *, save_main_session: bool = False) -> tuple[Any, float]:
+    """Run the pipeline; the runner's result and the wall time."""
+    progress = JobProgress()
+    if runs_here(job) and job.config.progress_seconds:
+        # The workers run in this process: show their progress lines here, with a total.
         logging.getLogger("arkbatch_beam").setLevel(logging.INFO)
-        _count_in_background(args, files)
+        count_in_background(job.args, check_input(job.args), progress)
+    options = PipelineOptions(list(job.beam_args), save_main_session=save_main_session)
     started = time.monotonic()
     with beam.Pipeline(options=options) as p:
-        build_pipeline(p, args, config=config, inputs=inputs)
-    result = p.result
-    wall = time.monotonic() - started
+        build_pipeline(p, job.args, job=job, progress=progress)
+    return p.result, time.monotonic() - started
+
+
+def job_summary(job: Job, result: Any, wall: float) -> dict[str, Any]:
+    """The job's summary: per-id counts read back from the output, plus the job's counters."""
     counters, span = _job_metrics(result)
     requests = counters.get("requests", 0)
     try:  # final state per id, read back from the output (what a user will find there)
-        per_id = summarize(output)
+        per_id = summarize(job.output)
     except Exception:  # noqa: BLE001 - e.g. a runner that wrote nowhere this process can read
-        log.warning("could not read %s back for the per-id counts", output, exc_info=True)
+        log.warning("could not read %s back for the per-id counts", job.output, exc_info=True)
         per_id = {"ok": 0, "failed": 0, "failures_by_type": {}, "duplicate_rows": 0, "tokens": {}}
-    ok, failed = per_id["ok"], per_id["failed"]
-    reasons = top_reasons(per_id)
-    summary = {
+    return {
         # Per id (each custom_id once, by its final state), as python -m arkbatch_beam.report says.
-        "ok": ok,
-        "failed": failed,
+        "ok": per_id["ok"],
+        "failed": per_id["failed"],
         "failures_by_type": per_id["failures_by_type"],
         "duplicate_rows": per_id["duplicate_rows"],
         "tokens": per_id["tokens"],
@@ -423,45 +438,63 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         # First send to last answer: the steady rate, without start-up and compaction.
         "sending_seconds": None if span is None else round(span, 3),
         "sending_requests_per_second": round(requests / span, 1) if span else None,
-        **{name: counters.get(name, 0)
-           for name in ("retries", "skipped_done", "duplicates")},
-        "output": output,
+        **{name: counters.get(name, 0) for name in ("retries", "skipped_done", "duplicates")},
+        "output": job.output,
     }
+
+
+def write_summary(summary: dict[str, Any]) -> None:
+    """``OUTPUT/summary.json``, and the one-line summary on stdout."""
+    output = summary["output"]
     try:
         with FileSystems.create(FileSystems.join(output, "summary.json")) as f:
             f.write(json.dumps(summary, indent=2).encode())
     except Exception:  # noqa: BLE001 - the summary file is a convenience
         log.warning("could not write summary.json", exc_info=True)
+    reasons = top_reasons(summary)
+    span = summary["sending_seconds"]
     print(
-        f"summary: ok={ok} failed={failed} " + (f"({reasons}) " if reasons else "") + f"wall={wall:.1f}s "
-        f"req/s={summary['requests_per_second']}"
+        f"summary: ok={summary['ok']} failed={summary['failed']} " + (f"({reasons}) " if reasons else "")
+        + f"wall={summary['wall_seconds']:.1f}s req/s={summary['requests_per_second']}"
         + (f" (sending {span:.1f}s at {summary['sending_requests_per_second']} req/s)" if span else "")
         + f" skipped={summary['skipped_done']}"
         + (f" duplicate_rows={summary['duplicate_rows']}" if summary["duplicate_rows"] else "")
         + f" output={output}",
         flush=True,
     )
+
+
+def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -> dict[str, Any]:
+    """Parse ``argv``, check, run the pipeline, print and return the summary."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args, beam_args = build_parser().parse_known_args(argv)
+    check_unknown_flags(beam_args)
+    job = configure(args, beam_args)
+    check_environment(job)
+    files = check_input(args)
+    check_model(args, files, job.inputs)
+    if not job.options.no_preflight:
+        preflight(job.config)
+    check_output(job)
+    result, wall = execute(job, save_main_session=save_main_session)
+    summary = job_summary(job, result, wall)
+    write_summary(summary)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: exit 0 when the pipeline ran, 2 on a usage error, 1 when the job failed."""
+    """Entry point: exit 0 when the pipeline ran, 2 on a usage error, 1 when the job was stopped."""
     try:
         run(argv)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - the runner wraps worker errors
-        text = str(exc)
-        if isinstance(exc, (EndpointUnusable, MissingApiKey)):
-            print(f"error: {text.splitlines()[0]}", file=sys.stderr)
-            return 1
-        for name in ("EndpointUnusable", "MissingApiKey"):  # runners that wrap worker errors
-            line = next((ln for ln in text.splitlines() if name in ln), None)
-            if line:
-                print(f"error: {line.strip()}", file=sys.stderr)
-                return 1
-        raise
+    except Exception as exc:
+        stopped = job_error_in(exc)  # however the runner wrapped it (another process: its text)
+        if stopped is None:
+            raise
+        print(f"error: {stopped.message.splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -231,3 +231,40 @@ def test_input_encoding_decodes_a_gbk_file(server, tmp_path, capsys):
     assert batch_chat.main(argv(server, str(tmp_path / "in.jsonl"), str(tmp_path / "o2"),
                                 "--input_encoding", "no-such-codec")) == 2
     assert "--input_encoding" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("--max_concurency", "--max_concurrency"),
+                                             ("--direct_num_worker", "--direct_num_workers"),
+                                             ("--part_row", "--part_rows")])
+def test_a_mistyped_flag_fails_fast_with_did_you_mean(server, tmp_path, capsys, typo, meant):
+    # Before: Beam warned "Discarding unparseable args" and the job ran at the default (500).
+    inp = write_jsonl(tmp_path / "in.jsonl", 3)
+    assert batch_chat.main(argv(server, inp, str(tmp_path / "o"), typo, "10")) == 2
+    assert f"error: unknown option {typo}: did you mean {meant}?" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o") and server.total_requests == 0
+
+
+def test_help_shows_every_default_and_unit(capsys):
+    with pytest.raises(SystemExit):
+        batch_chat.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for piece in ("--max_concurrency", "1..10000; default 500", "1..259200 s; default 86400",
+                  "--part_rows", "--tcp_keepalive_idle", "(0: off)", "--resume"):
+        assert piece in text, piece
+
+
+def test_a_worker_process_error_reaches_the_user_as_its_message(server, tmp_path):
+    # Before: multi_processing printed "error: raise EndpointUnusable(self._rt.fatal)", a source line.
+    inp = write_jsonl(tmp_path / "in.jsonl", 40)
+    env = {**os.environ, KEY_ENV: KEY}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.batch_chat", *argv(server, inp, str(tmp_path / "o"), "--path", "/nope",
+                                                             "--no_preflight", "--progress_seconds", "0"),
+         "--direct_running_mode", "multi_processing", "--direct_num_workers", "1"],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert last.startswith("error: the endpoint ") and "answered HTTP 404" in last, last
+    assert "raise " not in last and "while running" not in last
+    assert "raise " not in last

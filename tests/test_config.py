@@ -68,3 +68,67 @@ def test_describe_has_no_key(monkeypatch):
     monkeypatch.setenv("ARK_API_KEY", "sk-should-not-appear")
     text = repr(ClientConfig("ep").describe()) + repr(ClientConfig("ep"))
     assert "sk-should-not-appear" not in text
+
+
+# --- one definition per option: the CLI's flags and the README's table come from it ---------------
+
+
+def test_readme_option_table_is_rendered_from_the_config_fields():
+    from pathlib import Path
+
+    from arkbatch_beam import render_options_table
+    from pipelines import batch_chat
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- options:start -->", "<!-- options:end -->"
+    assert start in text and end in text, f"README.md needs the option table between {start} and {end}"
+    table = text.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+    assert table == render_options_table(*batch_chat.CONFIG_CLASSES), "paste render_options_table(...) into README"
+
+
+def test_every_flag_is_generated_from_a_config_field_with_its_default_and_range():
+    from arkbatch_beam import ClientConfig, InputOptions, SinkConfig, flags
+    from pipelines import batch_chat
+
+    parser = batch_chat.build_parser()
+    ours = {a.dest for a in parser._actions if a.dest != "help"}
+    generated = {f.name for cls in batch_chat.CONFIG_CLASSES for f in flags(cls)}
+    assert ours == generated  # no flag is written by hand
+    ns = parser.parse_args(["--input", "a", "--output", "o"])
+    # Defaults come from the config classes themselves (one place), e.g. part sizes and the cap.
+    assert ns.max_concurrency == ClientConfig("ep").max_concurrency
+    assert (ns.part_rows, ns.part_seconds) == (SinkConfig().part_rows, SinkConfig().part_seconds)
+    assert ns.max_request_bytes == InputOptions().max_request_bytes
+    helps = {a.dest: a.help for a in parser._actions}
+    assert "1..10000" in helps["max_concurrency"] and "default 500" in helps["max_concurrency"]
+    assert "1..259200 s" in helps["timeout"] and "(0: off)" in helps["tcp_keepalive_idle"]
+
+
+def test_a_nested_option_error_names_its_flag():
+    from arkbatch_beam import OptionError
+    from pipelines import batch_chat
+
+    ns = batch_chat.build_parser().parse_args(["--input", "a", "--output", "o", "--model", "m",
+                                                "--backoff_max", "0.1"])
+    with pytest.raises(batch_chat.UsageError, match=r"^--backoff_max must be in 0.5..3600 s"):
+        batch_chat.configure(ns)
+    ns.backoff_max, ns.tcp_keepalive_count = 8.0, 99
+    with pytest.raises(batch_chat.UsageError, match=r"^--tcp_keepalive_count must be in 1..50"):
+        batch_chat.configure(ns)
+    ns.tcp_keepalive_count, ns.tcp_keepalive_idle = 4, 0  # 0 = off
+    assert batch_chat.configure(ns).config.keepalive is None
+    with pytest.raises(OptionError) as info:
+        ClientConfig("ep", max_attempts=-1)
+    assert info.value.name == "max_attempts" and isinstance(info.value, ValueError)
+
+
+def test_batch_chat_inference_takes_any_client_config_field_as_an_override():
+    from arkbatch_beam import BatchChatInference, Keepalive
+
+    t = BatchChatInference("ep-1", max_concurrency=7, max_attempts=3, keepalive=Keepalive(idle=30))
+    assert (t.config.max_concurrency, t.config.max_attempts, t.config.keepalive.idle) == (7, 3, 30)
+    base = ClientConfig(Endpoint("ep-2"), timeout=60)
+    t = BatchChatInference(base, max_concurrency=9)
+    assert (t.config.endpoint.model, t.config.timeout, t.config.max_concurrency) == ("ep-2", 60, 9)
+    with pytest.raises(TypeError, match="max_concurency"):
+        BatchChatInference("ep", max_concurency=9)

@@ -10,7 +10,8 @@ from arkbatch_beam import (
     RetryableStatus,
     TransportError,
 )
-from arkbatch_beam._errors import error_for_status, map_transport_error, mapped_transport_errors
+from arkbatch_beam._attempt import map_transport_error, mapped_transport_errors
+from arkbatch_beam._errors import error_for_status
 
 BODY = {"error": {"code": "InvalidParameter", "message": "messages is required", "type": "x"}}
 

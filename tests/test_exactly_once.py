@@ -33,10 +33,12 @@ from arkbatch_beam import (
     ChatResult,
     Endpoint,
     WriteResults,
+    _errors,
     _resume,
     _types,
     parse_input,
 )
+from arkbatch_beam._errors import _tree
 from arkbatch_beam._inputs import InputOptions
 from arkbatch_beam._resume import ReadDoneIds, _Resolve
 from arkbatch_beam._schema import OUTPUT_SCHEMA
@@ -206,9 +208,9 @@ def test_only_ok_and_rejected_rows_are_final(tmp_path):
     with beam.Pipeline() as p:
         assert_that(p | "Done" >> ReadDoneIds(out), equal_to(["answered", "rejected"]), label="final")
         assert_that(p | "DoneOk" >> ReadDoneIds(out, retry_failed=True), equal_to(["answered"]), label="ok")
-    assert _types.FINAL_ON_RESUME == {"rejected"}
-    assert {e.name: e.retryable for e in _types.ERROR_TYPES if e.name in kinds} == kinds
-    assert _types.final_on_resume("ok", None, None) and not _types.final_on_resume("failed", None, None)
+    assert _errors.FINAL_ON_RESUME == {"rejected"}
+    assert {e.error_type: e.retryable for e in _errors.ERROR_TYPES if e.error_type in kinds} == kinds
+    assert _errors.final_on_resume("ok", None, None) and not _errors.final_on_resume("failed", None, None)
 
 
 def test_resume_sends_what_a_fixed_option_or_input_now_allows(server, tmp_path):
@@ -238,7 +240,7 @@ def test_readme_error_table_is_rendered_from_the_code():
     start, end = "<!-- error-types:start -->", "<!-- error-types:end -->"
     assert start in text and end in text, f"README.md needs the table between {start} and {end}"
     table = text.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
-    assert table == _types.render_error_types_table(), "paste render_error_types_table() into README.md"
+    assert table == _errors.render_error_types_table(), "paste render_error_types_table() into README.md"
 
 
 def _error_types_written_by_the_code() -> set[str]:
@@ -254,7 +256,7 @@ def _error_types_written_by_the_code() -> set[str]:
             if not isinstance(node, ast.Call):
                 continue
             name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
-            args = {"failure": 1, "_Bad": 0}
+            args = {"failure": 1}
             if name in args and len(node.args) > args[name]:
                 arg = node.args[args[name]]
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
@@ -262,17 +264,15 @@ def _error_types_written_by_the_code() -> set[str]:
             for kw in node.keywords:
                 if kw.arg == "error_type" and isinstance(kw.value, ast.Constant):
                     found.add(kw.value.value)
-    from arkbatch_beam import _inputs, _retry
-    from arkbatch_beam._types import DUPLICATE
-
-    found |= {_retry.DEADLINE, _retry.EXHAUSTED, DUPLICATE, *getattr(_inputs, "INPUT_ERROR_TYPES", ())}
-    return found - {"error", "retryable"}  # the two abstract bases of _errors
+    # The abstract classes of the tree and the ones that stop a job (never a row's error_type).
+    abstract = {c.error_type for c in _tree(_errors.ArkError) if not c.meaning}
+    return found - abstract
 
 
 def test_every_error_type_the_code_writes_is_in_the_table():
     written = _error_types_written_by_the_code()
     assert {"rejected", "invalid_request", "invalid_json", "deadline_exceeded"} <= written  # the scan works
-    assert written - {e.name for e in _types.ERROR_TYPES} == set()
+    assert written - {e.error_type for e in _errors.ERROR_TYPES} == set()
 
 
 # --- item 9: the shuffle ---------------------------------------------------------------------------
@@ -345,7 +345,7 @@ class _LazyGroup:
 
 def test_a_hot_id_resolves_as_a_stream():
     n = 40_000  # ~1 KB lines: a sorted list of the group would hold ~40 MB
-    resolve = _Resolve(tagged=False, options=InputOptions())
+    resolve = _Resolve(InputOptions(), None)
     resolve.setup()
     group = _LazyGroup(n)
     tracemalloc.start()

@@ -86,7 +86,7 @@ def test_a_str_line_with_a_lone_surrogate_is_a_failure_row_not_an_exception():
 
 @pytest.mark.parametrize("name", ["nope", "", "utf-16", "utf-32", "base64", "rot13", "cp037", "utf-7", 5])
 def test_input_encoding_is_checked_when_the_options_are_made(name):
-    with pytest.raises(ValueError, match=r"^input_encoding must name a text codec"):
+    with pytest.raises(ValueError, match=r"^input_encoding must (name a text codec|be a string)"):
         InputOptions(input_encoding=name)
 
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from arkbatch_beam import ChatRequest, ClientConfig, Endpoint, _runtime
+from arkbatch_beam import ChatRequest, ClientConfig, Endpoint, JobProgress, _runtime
 from arkbatch_beam.testing import Fault
 from pipelines import batch_chat
 
@@ -29,16 +29,17 @@ def test_progress_line_counts_and_eta(server):
     server.add_fault(Fault.bad_request("no", match="p 3"))
     cfg = ClientConfig(Endpoint("ep-p", base_url=server.base_url, api_key_env=KEY_ENV), max_concurrency=4,
                        progress_seconds=3600)
-    _runtime.set_expected_total(20)
-    _runtime.note_skipped(2)  # e.g. two bad input lines: never sent
+    progress = JobProgress()
+    progress.set_total(20)
+    progress.add_skipped(2)  # e.g. two bad input lines: never sent
     rt = _runtime.acquire(cfg)
+    rt.progress = progress  # what InferDoFn does for its job
     try:
         for fut in [rt.submit(_req(i)) for i in range(9)]:
             fut.result(10)
         line = _line(rt)
     finally:
         _runtime.release(rt)
-        _runtime.set_expected_total(None)
     assert "done=9 ok=8 failed=1 in_flight=0 queued=0 retrying=0 attempts=9 " in line
     assert " of~18 (50.0%) eta=" in line  # 20 lines - 2 skipped = 18 to send; 9 done
     assert "paused" not in line
