@@ -28,6 +28,7 @@ setup(
             "pytest-asyncio>=0.24,<2",
             "hypothesis>=6.100,<7",
             "ruff>=0.6,<1",
+            "mypy>=1.10,<3",
             "psutil>=5.9,<8",
             "gcp-storage-emulator>=2024.8.3,<2028",
             # Independent parties the tests hold our client and fake server against.

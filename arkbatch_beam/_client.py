@@ -253,12 +253,12 @@ class ArkClient:
         """The pushback gate for ``model`` (created on first use)."""
         g = self._gates.get(model)
         if g is None:
-            g = self._gates[model] = PushbackGate(
+            gate = g = self._gates[model] = PushbackGate(
                 self.config.max_concurrency,
                 max_rate=self.config.max_requests_per_second,
                 clock=self._clock,
                 call_at=self._call_at,
-                on_wake=lambda: self._kick(g.admittable()),
+                on_wake=lambda: self._kick(gate.admittable()),
             )
         return g
 

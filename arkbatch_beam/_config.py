@@ -298,7 +298,7 @@ def _is_secret_header(name: str) -> bool:
 
 def _freeze_headers(
     headers: Mapping[str, str] | tuple[tuple[str, str], ...] | None, field: str = "headers"
-) -> tuple:
+) -> tuple[tuple[str, str], ...]:
     if not headers:
         return ()
     items = headers.items() if isinstance(headers, Mapping) else headers
@@ -486,7 +486,7 @@ class ClientConfig:
         'ep-123'
     """
 
-    endpoint: Endpoint = group(None, prefix="", help="where requests go")
+    endpoint: Endpoint = group(None, prefix="", help="where requests go (a plain str is taken as Endpoint(str))")
     max_concurrency: int = option(500, kind=int, lo=1, hi=10_000,
                                   help="requests in flight per worker process (Ark's workerNum)")
     timeout: float = option(24 * 3600.0, kind=float, lo=1.0, hi=MAX_TIMEOUT, unit=" s",

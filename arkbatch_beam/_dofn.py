@@ -1,6 +1,6 @@
 """The sliding-window inference DoFn, and the parse DoFn in front of it.
 
-``_InferDoFn.process`` hands requests to the per-process shared runtime in small batches (one
+``InferDoFn.process`` hands requests to the per-process shared runtime in small batches (one
 thread hop per batch, not per element) and yields results as they complete, in the window
 and timestamp of their input. At most ``max_pending`` requests are outstanding per bundle:
 when full, ``process`` blocks on the first to complete (back-pressure), never on a whole

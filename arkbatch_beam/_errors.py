@@ -399,12 +399,12 @@ def job_error_in(exc: BaseException) -> JobError | None:
             return cur
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
-    kinds = {c.__name__: c for c in _tree(JobError) if c is not JobError}
+    kinds: dict[str, type[ArkError]] = {c.__name__: c for c in _tree(JobError) if c is not JobError}
     found: JobError | None = None
     for line in str(exc).splitlines():
         m = _JOB_ERROR_LINE.match(line.strip())
         if m and m.group(1) in kinds:
-            found = kinds[m.group(1)](_RUNNER_NOTE.sub("", m.group(2)))
+            found = kinds[m.group(1)](_RUNNER_NOTE.sub("", m.group(2)))  # type: ignore[assignment]
     return found
 
 
@@ -444,7 +444,7 @@ def error_for_status(
         msg = None  # a blank message says nothing: fall back to the body or the status
     if msg is None:
         msg = text[:500] if text and text.strip() else f"HTTP {status}"
-    kw = {"http_status": status, "error_code": code, "retry_after": retry_after}
+    kw: dict[str, Any] = {"http_status": status, "error_code": code, "retry_after": retry_after}
     if status == 429 or (status == 503 and retry_after is not None):
         return RateLimited(msg, **kw)
     if status in RETRYABLE_STATUSES or 500 <= status <= 599:

@@ -198,6 +198,13 @@ def _normalise(obj: Any, opts: InputOptions) -> tuple[str | None, dict[str, Any]
 # --- salvaging the id of a line that is not valid JSON -------------------------------------------
 
 _SPACE_RE = re.compile(r"[ \t\n\r]*")
+
+
+def _space_end(text: str, pos: int) -> int:
+    """Where the run of JSON whitespace at ``pos`` ends (the pattern matches the empty string too)."""
+    m = _SPACE_RE.match(text, pos)
+    return m.end() if m is not None else pos
+
 _STRING_RE = re.compile(r'"[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*"', re.S)
 _SCALAR_RE = re.compile(r'[^ \t\n\r,:{}\[\]"]+')
 _STRUCT_RE = re.compile(r'[{}\[\]"]')
@@ -237,10 +244,10 @@ def _top_level_members(text: str) -> tuple[list[tuple[str, str | None]], bool]:
     The scan stops at the first thing that is not JSON.
     """
     members: list[tuple[str, str | None]] = []
-    pos = _SPACE_RE.match(text).end()
+    pos = _space_end(text, 0)
     if not text.startswith("{", pos):
         return members, False
-    pos = _SPACE_RE.match(text, pos + 1).end()
+    pos = _space_end(text, pos + 1)
     if text.startswith("}", pos):
         return members, True
     while True:
@@ -251,10 +258,10 @@ def _top_level_members(text: str) -> tuple[list[tuple[str, str | None]], bool]:
             key = orjson.loads(m.group())
         except orjson.JSONDecodeError:
             return members, False
-        pos = _SPACE_RE.match(text, m.end()).end()
+        pos = _space_end(text, m.end())
         if not text.startswith(":", pos):
             return members, False
-        pos = _SPACE_RE.match(text, pos + 1).end()
+        pos = _space_end(text, pos + 1)
         token: str | None = None
         if text.startswith('"', pos):
             v = _STRING_RE.match(text, pos)
@@ -270,14 +277,14 @@ def _top_level_members(text: str) -> tuple[list[tuple[str, str | None]], bool]:
         if end is None:
             members.append((key, None))
             return members, False
-        pos = _SPACE_RE.match(text, end).end()
+        pos = _space_end(text, end)
         if not text.startswith((",", "}"), pos):
             members.append((key, None))
             return members, False
         members.append((key, token))
         if text[pos] == "}":
             return members, True
-        pos = _SPACE_RE.match(text, pos + 1).end()
+        pos = _space_end(text, pos + 1)
 
 
 def _salvage_id(text: str, fmt: str, *, replaced: bool = False) -> str | None:

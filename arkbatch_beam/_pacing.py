@@ -1,6 +1,6 @@
 """The pushback gate: the in-flight cap, the congestion window, and server-announced pauses.
 
-One gate per model per process (the shared runtime owns it). It replaces both a plain
+One gate per model per process (the client, ArkClient, keeps one per model). It replaces both a plain
 semaphore and Ark's client-side "breaker":
 
 * **Cap and window.** At most ``limit`` requests are in flight; ``limit`` starts at
@@ -105,7 +105,6 @@ class PushbackGate:
         self._tokens_at: float | None = None
         self._rate_timer: Any = None
         # Figures for metrics and tests.
-        self.pauses = 0
         self.paused_seconds = 0.0
         self.lifted_early = 0
         self.refusals = 0
@@ -218,7 +217,6 @@ class PushbackGate:
         if until <= self.paused_until:
             return
         if not self.paused:
-            self.pauses += 1
             self._pause_started = now
         self.paused_until = until
         if self._timer is not None:

@@ -202,6 +202,13 @@ class SharedRuntime:
                 asyncio.run_coroutine_threadsafe(self._aclose(), self._loop).result(timeout)
             except Exception:  # noqa: BLE001 - best effort on shutdown
                 log.warning("arkbatch runtime: session did not close cleanly", exc_info=True)
+        elif not self._thread.is_alive() and not self._loop.is_running() and not self._loop.is_closed():
+            # The loop thread died: finish the clean-up here, on this thread, so no session,
+            # connection or task is left for the garbage collector (an unraisable error there).
+            try:
+                self._loop.run_until_complete(self._aclose())
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                log.warning("arkbatch runtime: a dead runtime did not close cleanly", exc_info=True)
         self._closed = True
         self._stop_loop()
 

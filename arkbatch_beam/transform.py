@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -41,11 +42,11 @@ FAILED_TAG = "failed"
 
 
 class _SplitByStatus(beam.DoFn):
-    def process(self, row: dict[str, Any]):
+    def process(self, row: dict[str, Any]) -> Iterator[Any]:
         yield row if row["status"] == STATUS_OK else beam.pvalue.TaggedOutput(FAILED_TAG, row)
 
 
-class BatchChatInference(beam.PTransform):
+class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
     """Chat inference over a PCollection of JSONL lines (str or bytes) or dicts.
 
     Args:
@@ -97,7 +98,7 @@ class BatchChatInference(beam.PTransform):
         if isinstance(endpoint, ClientConfig):
             config = dataclasses.replace(endpoint, **overrides) if overrides else endpoint
         else:
-            config = ClientConfig(endpoint, **overrides)
+            config = ClientConfig(Endpoint(endpoint) if isinstance(endpoint, str) else endpoint, **overrides)
         self.config = config
         self.input_options = input_options or InputOptions(
             model=config.endpoint.model, batch_path=config.endpoint.is_batch
@@ -130,7 +131,7 @@ class BatchChatInference(beam.PTransform):
     def __repr__(self) -> str:
         return f"BatchChatInference({self.config.endpoint.url!r})"
 
-    def expand(self, lines: beam.PCollection) -> Any:
+    def expand(self, lines: beam.PCollection[Any]) -> Any:
         # One PCollection all the way (requests and failure rows together; InferDoFn passes
         # rows through) and no Flatten: runners that materialise a Flatten (Beam's in-process
         # FnApiRunner) would otherwise hold every result until the end instead of letting a

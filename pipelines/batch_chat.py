@@ -39,7 +39,7 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from arkbatch_beam import (
     FAILURES_DIR,
@@ -123,9 +123,9 @@ def our_flags() -> list[str]:
 
 def _beam_flags() -> set[str]:
     """Every flag Beam's own pipeline option classes declare, without ``--``."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, conflict_handler="resolve")
-    seen: set[type] = set()
-    todo: list[type] = [PipelineOptions]
+    parser = _BeamArgumentParser(add_help=False, allow_abbrev=False, conflict_handler="resolve")
+    seen: set[type[PipelineOptions]] = set()
+    todo: list[type[PipelineOptions]] = [PipelineOptions]
     while todo:
         for sub in todo.pop().__subclasses__():
             if sub not in seen:

@@ -40,7 +40,8 @@ def test_cli_end_to_end(server, tmp_path, capsys):
     assert rejected["http_status"] == 400 and json.loads(rejected["request_json"])["custom_id"] == "id-4"
     summary_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary_line.startswith("summary: ok=30 failed=2 ")
-    summary = json.load(open(os.path.join(out, "summary.json")))
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
     assert (summary["ok"], summary["requests"]) == (30, 31)  # the broken line is never sent
     # first send .. last answer, from the per-bundle marks: inside the wall time, never longer
     assert 0 < summary["sending_seconds"] <= summary["wall_seconds"]
@@ -215,7 +216,8 @@ def test_the_summary_counts_ids_and_names_the_top_failure_reasons(server, tmp_pa
     assert batch_chat.main(argv(server, inp, out, "--no_compact")) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("summary: ok=8 failed=3 (rejected 2, invalid_json 1) wall="), line
-    summary = json.load(open(os.path.join(out, "summary.json")))
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
     assert summary["failures_by_type"] == {"rejected": 2, "invalid_json": 1}
     assert summary["rows_written_ok"] == 8 and summary["rows_written_failed"] == 3
 

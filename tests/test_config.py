@@ -132,3 +132,24 @@ def test_batch_chat_inference_takes_any_client_config_field_as_an_override():
     assert (t.config.endpoint.model, t.config.timeout, t.config.max_concurrency) == ("ep-2", 60, 9)
     with pytest.raises(TypeError, match="max_concurency"):
         BatchChatInference("ep", max_concurency=9)
+
+
+def test_the_public_api_is_pinned():
+    import arkbatch_beam
+
+    # A change here is a change of the public API: say so in the README and the changelog.
+    assert sorted(arkbatch_beam.__all__) == sorted([
+        "ARK_BASE_URL", "ARK_BATCH_PATH", "ArkClient", "ArkError", "AttemptTimeout", "AttemptsExhausted",
+        "Backoff", "BatchChatInference", "Cancelled", "ChatRequest", "ChatResult", "ClientConfig",
+        "CompactOutput", "DeadlineExceeded", "Decision", "DuplicateCustomId", "ERROR_TYPES", "Endpoint",
+        "EndpointError", "EndpointUnusable", "FAILED_TAG", "FAILURES_DIR", "InputError", "InputOptions",
+        "InternalError", "InvalidRequest", "InvalidResponse", "JobError", "JobProgress", "Keepalive",
+        "MissingApiKey", "NAMESPACE", "OPENAI_CHAT_PATH", "OUTPUT_SCHEMA", "OptionError", "PushbackGate",
+        "RESULTS_DIR", "RateLimited", "RequestRejected", "RetryLimit", "RetryableError", "RetryableStatus",
+        "RuntimeDied", "SinkConfig", "TransportError", "WriteResults", "add_flags", "backoff_delay",
+        "derive_id", "final_on_resume", "flags", "from_flags", "job_error_in", "next_delay", "option",
+        "parse_completion", "parse_input", "parse_retry_after", "part_files", "render_error_types_table",
+        "render_options_table", "row_to_item", "validate",
+    ])
+    for name in arkbatch_beam.__all__:
+        assert getattr(arkbatch_beam, name) is not None, name

@@ -892,7 +892,7 @@ class FakeArkServer:
         if fault is not None:
             kind = fault.kind
             if kind == "status":
-                headers.update(fault.headers)  # type: ignore[arg-type]
+                headers.update(fault.headers)
                 return self._error(fault.status, fault.code, fault.message, headers)
             if kind == "reset":
                 self._abort(request)
