@@ -53,7 +53,7 @@ from ._errors import (
     TransportError,
     error_for_status,
 )
-from ._pacing import NEUTRAL, OK, REFUSED
+from ._pacing import NEUTRAL, OK, OVERLOADED, REFUSED
 from ._result import Redactor
 from ._retry import parse_retry_after
 
@@ -103,6 +103,8 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, wall_now: flo
     err = error_for_status(
         status, parsed, retry_after=retry_after, text=body[:500].decode("utf-8", "replace")
     )
+    if status == 503:
+        return Outcome(err, OVERLOADED)  # the server says it is overloaded: cut (and pause, if it says how long)
     refused = isinstance(err, RateLimited) or (err.retryable and retry_after is not None)
     return Outcome(err, REFUSED if refused else NEUTRAL)
 

@@ -60,7 +60,7 @@ from ._errors import (
     TransportError,
 )
 from ._health import FATAL_AFTER, EndpointHealth
-from ._pacing import NEUTRAL, OK, PushbackGate
+from ._pacing import NEUTRAL, OK, PermitPump, PushbackGate
 from ._result import Redactor, failed, parse_completion
 from ._retry import DEADLINE, EXHAUSTED, next_delay
 from ._types import STATUS_OK, ChatRequest, ChatResult
@@ -87,7 +87,7 @@ class _Job:
 
     __slots__ = (
         "request", "model", "payload", "done", "owner", "state", "first_send", "deadline",
-        "attempts", "counted", "invalid", "last", "rid", "timer", "worker", "abort",
+        "attempts", "counted", "invalid", "last", "rid", "timer", "worker", "abort", "cost", "sent_at",
     )
 
     def __init__(self, request: ChatRequest, model: str, payload: bytes, done: Done, owner: Any) -> None:
@@ -107,6 +107,25 @@ class _Job:
         self.timer: Any = None  # retry timer while parked, deadline timer while re-queued
         self.worker: asyncio.Task[None] | None = None
         self.abort: str | None = None
+        self.cost = 0.0  # estimated tokens, charged to a tokens-per-minute budget
+        self.sent_at = 0.0  # when the current attempt started
+
+
+# What a token budget charges a request before its answer says what it used: its prompt (about
+# 4 bytes of JSON per token) plus the completion it allows (max_tokens, or this many).
+DEFAULT_COMPLETION_ESTIMATE = 512
+
+
+def estimate_tokens(body: dict[str, Any], payload_bytes: int) -> float:
+    """Tokens a request may use, for ``max_tokens_per_minute`` (corrected from ``usage`` later).
+
+    Example:
+        >>> estimate_tokens({"max_tokens": 100}, 400)
+        200.0
+    """
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    completion = limit if isinstance(limit, int) and limit > 0 else DEFAULT_COMPLETION_ESTIMATE
+    return payload_bytes / 4.0 + completion
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,6 +145,10 @@ class ClientStats:
     paused_seconds: float = 0.0
     paused_for: float = 0.0
     fatal: str | None = None
+    window: int = 0  # requests the gates allow in flight now (adaptive pacing's window)
+    cuts: int = 0  # times the window was cut (pushback)
+    throttled_seconds: float = 0.0  # paused, waiting for a budget or a permit, or held below the cap
+    budget_waits: int = 0  # admissions refused for a budget (requests/s, tokens/min)
 
 
 class ArkClient:
@@ -152,8 +175,11 @@ class ArkClient:
         call_at: Callable[..., Any] | None = None,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] | None = None,
+        rate_limiter: Any = None,
     ) -> None:
         self.config = config
+        self.rate_limiter = rate_limiter
+        self._permits: PermitPump | None = None
         self._http = HttpTransport(config) if transport is None else None
         self._transport: Transport = transport if transport is not None else self._http  # type: ignore[assignment]
         self._clock = clock
@@ -203,6 +229,8 @@ class ArkClient:
             return
         self._closing = False
         self._loop = asyncio.get_running_loop()
+        if self.rate_limiter is not None and self._permits is None:
+            self._permits = PermitPump(self.rate_limiter, self._loop)
         if self._http is not None:
             await self._http.start()
             self.redactor = self._http.redactor
@@ -218,6 +246,8 @@ class ArkClient:
         self._closing = True
         for gate in self._gates.values():
             gate.close()
+        if self._permits is not None:
+            self._permits.close()
         unfinished = [*self._parked, *self._running]
         for q in self._ready.values():
             unfinished.extend(j for j in q if j.state == _QUEUED)
@@ -255,11 +285,16 @@ class ArkClient:
         if g is None:
             gate = g = self._gates[model] = PushbackGate(
                 self.config.max_concurrency,
+                pacing=self.config.pacing,
                 max_rate=self.config.max_requests_per_second,
+                max_tokens_per_minute=self.config.max_tokens_per_minute,
+                permits=self._permits,
                 clock=self._clock,
                 call_at=self._call_at,
                 on_wake=lambda: self._kick(gate.admittable()),
             )
+            if self._permits is not None:
+                self._permits.listeners.append(gate.permits_arrived)
         return g
 
     @property
@@ -285,6 +320,12 @@ class ArkClient:
             paused_seconds=self.paused_seconds,
             paused_for=max((g.paused_until - now for g in self._gates.values() if g.paused), default=0.0),
             fatal=self.health.fatal,
+            window=min(sum(int(g.limit) for g in self._gates.values()), self.config.max_concurrency)
+            if self._gates else self.config.max_concurrency,
+            cuts=sum(g.cuts for g in self._gates.values()),
+            throttled_seconds=sum(g.throttled_so_far() for g in self._gates.values())
+            + (self._permits.waited_seconds if self._permits is not None else 0.0),
+            budget_waits=sum(g.budget_waits for g in self._gates.values()),
         )
 
     # -- submitting ----------------------------------------------------------------------
@@ -304,7 +345,7 @@ class ArkClient:
                 ticket = None
                 if not self._n_ready and len(self._running) < self.config.max_concurrency and not self._closing:
                     gate = self._gates.get(job.model) or self.gate(job.model)
-                    ticket = gate.try_acquire()
+                    ticket = gate.try_acquire(job.cost)
                 if ticket is None:
                     self._enqueue(job)
                 else:
@@ -335,6 +376,8 @@ class ArkClient:
                 request.custom_id, "invalid_request", str(exc), request_json=request.raw)))
             return None
         job = _Job(request, model, payload, done, owner)
+        if self.config.max_tokens_per_minute is not None:
+            job.cost = estimate_tokens(request.body, len(payload))
         if owner is not None:
             jobs = self._owners.get(owner)
             if jobs is None:
@@ -434,7 +477,7 @@ class ArkClient:
                 del ready[model]
                 continue
             gate = self._gates.get(model) or self.gate(model)
-            ticket = gate.try_acquire()
+            ticket = gate.try_acquire(q[0].cost)
             if ticket is None:
                 continue
             job = q.popleft()
@@ -492,6 +535,7 @@ class ArkClient:
         if cfg.attempt_timeout is not None:
             ends = min(ends, now + cfg.attempt_timeout)
         job.state = _RUNNING
+        job.sent_at = now
         job.worker = task
         job.abort = None
         self._running.add(job)
@@ -554,7 +598,8 @@ class ArkClient:
             except InvalidResponse as exc:
                 err = exc
         if err is None:
-            gate.release(ticket, OK)
+            gate.release(ticket, OK, latency=self._now() - job.sent_at, cost=job.cost,
+                         tokens=result.total_tokens)
             self.health.note_answer()
             result.attempts = job.attempts
             result.latency_ms = (self._now() - job.first_send) * 1000.0  # type: ignore[operator]
@@ -563,7 +608,8 @@ class ArkClient:
             self.ok += 1
             self._deliver(job, result)
             return
-        gate.release(ticket, outcome.signal, err.retry_after)
+        # A refused or failed attempt used no tokens (a budget charged for it gets them back).
+        gate.release(ticket, outcome.signal, err.retry_after, cost=job.cost, tokens=0 if job.cost else None)
         self.health.note_error(err)
         if isinstance(err, DeadlineExceeded):  # the row keeps the server's last answer, if any
             job.last = job.last or err

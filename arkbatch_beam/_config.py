@@ -480,6 +480,12 @@ class ClientConfig:
             average (bursts of at most 0.1 s worth); a fleet's share of a quota: e.g.
             10,000 RPM over 20 processes -> 8.3. ``None`` (default): only
             ``max_concurrency`` and the server's pushback bound the rate.
+        max_tokens_per_minute: optional token budget per worker process per model (prompt
+            + completion: estimated at the send from the body's size and ``max_tokens``,
+            corrected from ``usage`` when the answer comes).
+        pacing: ``adaptive`` (default): the in-flight window starts small, grows while answers
+            are clean and is cut on pushback, so several replicas share one quota without a
+            coordinator; ``fixed``: the window is always ``max_concurrency``.
 
     Example:
         >>> ClientConfig("ep-123").endpoint.model
@@ -503,6 +509,14 @@ class ClientConfig:
         None, kind=float, lo=0.01, hi=100_000.0,
         help="requests (retries included) each worker process starts per second per model; a fleet's share "
         "of a quota (none: only the cap and the server's pushback)")
+    max_tokens_per_minute: float | None = option(
+        None, kind=float, lo=1.0, hi=1e12,
+        help="tokens (prompt + completion, estimated before the send and corrected from usage) each worker "
+        "process may use per minute per model; a fleet's share of a token quota (none: no budget)")
+    pacing: str = option("adaptive", choices=("adaptive", "fixed"),
+                         help="adaptive: the in-flight window starts small, grows while answers are clean and is "
+                         "cut on pushback (429, 503, Retry-After, rising latency), so replicas share a quota; "
+                         "fixed: always max_concurrency")
     max_attempts: int = option(20, kind=int, lo=0, hi=10_000, note=" (0: until the deadline)",
                                help="attempts that fail without the server announcing a wait, before a request "
                                "ends as attempts_exhausted")
@@ -539,6 +553,8 @@ class ClientConfig:
             "attempt_timeout_s": self.attempt_timeout or 0.0,
             "connect_timeout_s": self.connect_timeout,
             "max_requests_per_second": self.max_requests_per_second or 0.0,
+            "max_tokens_per_minute": self.max_tokens_per_minute or 0.0,
+            "pacing": self.pacing,
             "max_attempts": self.max_attempts,
             "min_attempt_seconds": self.min_attempt_seconds,
             "tcp_keepalive": (

@@ -108,6 +108,7 @@ class InferDoFn(beam.DoFn):
         include_request: also keep ``request_json`` on ok rows (failures always keep it).
         progress: the job's :class:`~arkbatch_beam._progress.JobProgress`, shown in this
             process's progress lines.
+        rate_limiter: a Beam ``RateLimiter`` every request also asks (see ``BatchChatInference``).
 
     Elements that are already rows (dicts: failures found before inference) pass through.
     """
@@ -123,8 +124,10 @@ class InferDoFn(beam.DoFn):
         handoff: int = 64,
         include_request: bool = False,
         progress: JobProgress | None = None,
+        rate_limiter: Any = None,
     ) -> None:
         self._config = config
+        self._rate_limiter = rate_limiter
         self._progress = progress
         self._max_pending = max_pending or max(2 * config.max_concurrency, 2)
         self._handoff = max(1, min(handoff, self._max_pending))
@@ -141,7 +144,17 @@ class InferDoFn(beam.DoFn):
         self._ok = Metrics.counter(NAMESPACE, "ok")
         self._failed = Metrics.counter(NAMESPACE, "failed")
         self._retries = Metrics.counter(NAMESPACE, "retries")
-        self._paused = Metrics.counter(NAMESPACE, "paused_seconds")
+        # Whole seconds / counts the runtime reports per bundle (SharedRuntime.COUNTED). Time
+        # throttled is also Beam's cumulativeThrottlingSeconds, which Dataflow's autoscaler reads
+        # (it does not add workers while the endpoint is the bottleneck).
+        self._counted = {
+            "paused_seconds": [Metrics.counter(NAMESPACE, "paused_seconds")],
+            "throttled_seconds": [Metrics.counter(NAMESPACE, "throttled_seconds"),
+                                  Metrics.counter(NAMESPACE, "cumulativeThrottlingSeconds")],
+            "cuts": [Metrics.counter(NAMESPACE, "window_cuts")],
+            "budget_waits": [Metrics.counter(NAMESPACE, "budget_waits")],
+        }
+        self._window = Metrics.gauge(NAMESPACE, "allowed_concurrency")
         self._ptok = Metrics.counter(NAMESPACE, "prompt_tokens")
         self._ctok = Metrics.counter(NAMESPACE, "completion_tokens")
         self._latency = Metrics.distribution(NAMESPACE, "latency_ms")
@@ -207,9 +220,10 @@ class InferDoFn(beam.DoFn):
         if self._sent_any:
             self._last_answer.update(self._last_answer_at)
         if self._rt is not None:
-            paused = self._rt.take_paused_seconds()
-            if paused:
-                self._paused.inc(int(round(paused)))
+            for name, n in self._rt.take_counts().items():
+                for counter in self._counted[name]:
+                    counter.inc(n)
+            self._window.set(self._rt.stats.window)
 
     def teardown(self) -> None:
         self._abandon()
@@ -219,7 +233,7 @@ class InferDoFn(beam.DoFn):
 
     # -- internals -----------------------------------------------------------------------
     def _acquire(self) -> None:
-        self._rt = _runtime.acquire(self._config)
+        self._rt = _runtime.acquire(self._config, self._rate_limiter)
         if self._progress is not None:
             self._rt.progress = self._progress
 

@@ -33,6 +33,7 @@ import atexit
 import concurrent.futures
 import functools
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Hashable, Iterable
@@ -59,13 +60,13 @@ class SharedRuntime:
 
     STATS_SECONDS = 1.0
 
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(self, config: ClientConfig, rate_limiter: Any = None) -> None:
         self.config = config
-        self.client = ArkClient(config)
+        self.client = ArkClient(config, rate_limiter=rate_limiter)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="arkbatch-runtime", daemon=True)
         self._thread.start()
-        self._paused_reported = 0.0
+        self._reported: dict[str, int] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.stats = ClientStats()
@@ -177,13 +178,21 @@ class SharedRuntime:
         for sink, results in ready.values():
             sink(results)
 
-    def take_paused_seconds(self) -> float:
-        """Seconds paused since the last call (so several DoFns never double-count)."""
+    # The ClientStats figures that Beam counters report, as whole numbers since the last take.
+    COUNTED = ("paused_seconds", "throttled_seconds", "cuts", "budget_waits")
+
+    def take_counts(self) -> dict[str, int]:
+        """Whole seconds / counts of :attr:`COUNTED` since the last call, from any thread (so
+        several DoFns never count the same second twice, and fractions carry over)."""
+        out = {}
         with self._lock:
-            total = self.stats.paused_seconds
-            delta = total - self._paused_reported
-            self._paused_reported = max(total, self._paused_reported)
-            return max(0.0, delta)
+            for name in self.COUNTED:
+                total = math.floor(getattr(self.stats, name))
+                delta = total - self._reported.get(name, 0)
+                if delta > 0:
+                    self._reported[name] = total
+                    out[name] = delta
+        return out
 
     def in_flight(self) -> int:
         """Requests on the wire now (as of the last published snapshot)."""
@@ -269,6 +278,10 @@ class _Progress:
             f"in_flight={c.in_flight} queued={c.queued} retrying={c.parked} attempts={c.attempts} "
             f"rate={rate:.1f}/s elapsed={now - self._started:.0f}s"
         )
+        if rt.config.pacing == "adaptive" or c.cuts:
+            text += f" window={c.window}/{rt.config.max_concurrency} cuts={c.cuts}"
+        if c.throttled_seconds >= 1:
+            text += f" throttled={c.throttled_seconds:.0f}s"
         paused = c.paused_for
         if paused > 0:
             text += f" paused (server asked; {paused:.0f}s left)"
@@ -299,10 +312,12 @@ _registry: dict[tuple[int, ClientConfig], list[Any]] = {}
 _registry_lock = threading.Lock()
 
 
-def acquire(config: ClientConfig) -> SharedRuntime:
+def acquire(config: ClientConfig, rate_limiter: Any = None) -> SharedRuntime:
     """The process's runtime for ``config``, created on first use; pair with :func:`release`.
 
-    A runtime whose loop thread died is replaced by a fresh one.
+    A runtime whose loop thread died is replaced by a fresh one. ``rate_limiter`` (a Beam
+    ``RateLimiter``) is given to the runtime that is created; the first one a process passes
+    is the one its runtime uses.
     """
     key = (os.getpid(), config)
     with _registry_lock:
@@ -311,7 +326,7 @@ def acquire(config: ClientConfig) -> SharedRuntime:
             del _registry[key]
             entry = None
         if entry is None:
-            entry = _registry[key] = [SharedRuntime(config), 0]
+            entry = _registry[key] = [SharedRuntime(config, rate_limiter), 0]
         entry[1] += 1
         return entry[0]
 

@@ -70,6 +70,10 @@ class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
         max_pending: most outstanding requests per bundle (default 2 x max_concurrency).
         progress: the job's :class:`JobProgress` (inputs expected, ids skipped) for the
             progress lines; one is made when not given.
+        rate_limiter: a Beam ``apache_beam.io.components.rate_limiter.RateLimiter`` (e.g.
+            ``EnvoyRateLimiter``, backed by an Envoy rate-limit service: a real fleet-wide
+            quota). Every request (retries included) also waits for its ``allow()``, asked on
+            a thread of its own in each worker process, never on the event loop.
         **overrides: any :class:`ClientConfig` field (``max_concurrency=200``,
             ``timeout=3600``, ``backoff=Backoff(...)``, ...), applied over ``endpoint``'s
             config (or the defaults).
@@ -86,6 +90,7 @@ class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
         include_request: bool = False,
         max_pending: int | None = None,
         progress: JobProgress | None = None,
+        rate_limiter: Any = None,
         **overrides: Any,
     ) -> None:
         super().__init__()
@@ -113,6 +118,7 @@ class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
             raise ValueError(f"max_pending must be in 1..1000000, got {max_pending}")
         self._max_pending = max_pending
         self.progress = progress or JobProgress()
+        self._rate_limiter = rate_limiter
         self._exception_handling = False
 
     def with_exception_handling(self) -> BatchChatInference:
@@ -153,6 +159,7 @@ class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
                 max_pending=self._max_pending,
                 include_request=self._include_request,
                 progress=self.progress,
+                rate_limiter=self._rate_limiter,
             )
         )
         if self._exception_handling:

@@ -588,10 +588,11 @@ def test_cancelled_call_gives_its_slot_back(server: FakeArkServer) -> None:
 
 
 def test_retry_waiting_on_a_paused_gate_still_ends_at_its_deadline(server: FakeArkServer) -> None:
-    # "b" is refused with Retry-After: 5, which pauses the gate for 5 s; "a" keeps getting
-    # 500s, and its next retry waits for the paused gate: it must give up at its own deadline.
+    # "b" is refused with 503 + Retry-After: 5 (overloaded), which pauses the gate for 5 s; "a"
+    # keeps getting 500s, and its next retry waits for the paused gate: it must give up at its
+    # own deadline.
     server.add_fault(Fault.server_error(500, match="a", times=-1))
-    server.add_fault(Fault.rate_limited("5", match="b"))
+    server.add_fault(Fault.server_error(503, match="b", headers={"Retry-After": "5"}))
     timeout = 1.0
 
     async def fn(client: ArkClient) -> tuple[ChatResult, ChatResult, bool]:

@@ -416,7 +416,7 @@ def test_retry_after_zero_counts_against_max_attempts() -> None:
 def test_close_ends_every_unfinished_request_with_a_cancelled_row() -> None:
     def answer(k: str, n: int) -> Any:
         if k == "p":
-            return 429, {"Retry-After": "100"}, err_body()
+            return 503, {"Retry-After": "100"}, err_body()  # overloaded: everyone waits
         if k == "r" and n == 1:
             return 500, {}, err_body()
         return ok(k, n)

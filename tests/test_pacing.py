@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from arkbatch_beam._pacing import NEUTRAL, OK, REFUSED, PushbackGate
+from arkbatch_beam._pacing import BETA, NEUTRAL, OK, OVERLOADED, REFUSED, PushbackGate
 
 
 class FakeClock:
@@ -41,8 +41,8 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def make(n, clock):
-    return PushbackGate(n, clock=clock.time, call_at=clock.call_at)
+def make(n, clock, pacing="fixed", **kw):
+    return PushbackGate(n, clock=clock.time, call_at=clock.call_at, pacing=pacing, **kw)
 
 
 class Callers:
@@ -95,15 +95,20 @@ def test_broad_refusal_pauses_new_sends_until_announced_time_then_slow_start():
         clock = FakeClock()
         gate = make(16, clock)
         tickets = [gate.try_acquire() for _ in range(16)]
-        # The server announces a pause: the first refusal closes the gate for new sends.
-        gate.release(tickets[8], REFUSED, retry_after=5.0)
-        assert gate.paused and gate.try_acquire() is None
-        # Requests sent *before* the refused one come back OK: no evidence, still paused.
-        for t in tickets[:8]:
+        # The server announces a pause: one refusal is not yet "everyone"; most answers refused is.
+        for t in tickets[8:13]:
+            gate.release(t, REFUSED, retry_after=5.0)
+            assert not gate.paused
+        gate.release(tickets[13], REFUSED, retry_after=5.0)
+        gate.release(tickets[0], OK)
+        gate.release(tickets[14], REFUSED, retry_after=5.0)
+        assert gate.paused and gate.try_acquire() is None  # 7 of 8 refused
+        # Requests sent *before* the refused ones come back OK: no evidence, still paused.
+        for t in tickets[1:8]:
             gate.release(t, OK)
         assert gate.paused
-        # Those sent after it are refused too.
-        for t in tickets[9:]:
+        # Those sent after them are refused too.
+        for t in tickets[15:]:
             gate.release(t, REFUSED, retry_after=5.0)
         assert gate.paused and gate.in_flight == 0 and gate.try_acquire() is None
         clock.advance(4.999)
@@ -125,10 +130,12 @@ def test_broad_refusal_pauses_new_sends_until_announced_time_then_slow_start():
 def test_later_refusals_extend_the_pause():
     async def main():
         clock = FakeClock()
-        gate = make(4, clock)
-        a, b = gate.try_acquire(), gate.try_acquire()
-        gate.release(a, REFUSED, retry_after=1.0)
-        gate.release(b, REFUSED, retry_after=3.0)
+        gate = make(10, clock)
+        tickets = [gate.try_acquire() for _ in range(10)]
+        for t in tickets[:8]:
+            gate.release(t, REFUSED, retry_after=1.0)
+        assert gate.paused_until == pytest.approx(1.0)
+        gate.release(tickets[8], REFUSED, retry_after=3.0)
         clock.advance(1.5)
         assert gate.paused
         clock.advance(1.5)
@@ -140,19 +147,18 @@ def test_later_refusals_extend_the_pause():
 def test_lone_429_among_successes_narrows_instead_of_stalling():
     async def main():
         clock = FakeClock()
-        gate = make(8, clock)
+        gate = make(8, clock, pacing="adaptive")
         tickets = [gate.try_acquire() for _ in range(8)]
         gate.release(tickets[2], REFUSED, retry_after=30.0)
-        assert gate.paused and gate.limit == 4
-        # A request sent after the refused one is answered: the server is serving.
+        # A lone 429: its own request waits (the client's job); the process does not pause.
+        assert not gate.paused and gate.limit == 8 * BETA and gate.paused_until == 0.0
         gate.release(tickets[5], OK)
-        assert not gate.paused and gate.lifted_early == 1
-        assert gate.try_acquire() is None  # in_flight 6 > narrowed window 5
+        assert gate.try_acquire() is None  # in_flight 6 > narrowed window 5.6 + 1/5.6
         for t in (tickets[0], tickets[1]):
             gate.release(t, OK)
-        assert gate.try_acquire() is not None
-        clock.advance(60)  # the cancelled timer must not fire a slow-start later
-        assert gate.limit >= 6
+        assert gate.try_acquire() is not None  # 4 in flight < 6
+        clock.advance(60)
+        assert gate.paused_seconds == 0.0 and gate.cuts == 1
 
     run(main())
 
@@ -160,12 +166,12 @@ def test_lone_429_among_successes_narrows_instead_of_stalling():
 def test_refusal_without_retry_after_narrows_only():
     async def main():
         clock = FakeClock()
-        gate = make(10, clock)
+        gate = make(10, clock, pacing="adaptive")
         t = gate.try_acquire()
         gate.release(t, REFUSED, retry_after=None)
-        assert not gate.paused and gate.limit == 5
+        assert not gate.paused and gate.limit == 8 * BETA  # the slow-start 8, cut
         gate.release(gate.try_acquire(), NEUTRAL)
-        assert gate.limit == 5
+        assert gate.limit == 8 * BETA
 
     run(main())
 
@@ -173,7 +179,7 @@ def test_refusal_without_retry_after_narrows_only():
 def test_window_never_below_one_nor_above_cap():
     async def main():
         clock = FakeClock()
-        gate = make(4, clock)
+        gate = make(4, clock, pacing="adaptive")
         for _ in range(10):
             gate.release(gate.try_acquire(), REFUSED)
         assert gate.limit == 1
@@ -189,7 +195,7 @@ def test_waiters_wake_when_pause_ends():
         clock = FakeClock()
         gate = make(2, clock)
         t = gate.try_acquire()
-        gate.release(t, REFUSED, retry_after=2.0)
+        gate.release(t, OVERLOADED, retry_after=2.0)  # a 503 with Retry-After: everyone waits
         callers = Callers(gate)
         callers.add("w")
         assert callers.names() == []
@@ -232,7 +238,7 @@ def test_rate_bound_and_pause_together_and_close_cancels_the_timer():
         clock = FakeClock()
         gate = PushbackGate(100, clock=clock.time, call_at=clock.call_at, max_rate=1.0)
         t = gate.try_acquire()
-        gate.release(t, REFUSED, retry_after=5.0)  # announced pause
+        gate.release(t, OVERLOADED, retry_after=5.0)  # announced pause
         callers = Callers(gate)
         callers.add("first")
         clock.advance(4.0)  # tokens are back, the pause is not over
@@ -265,5 +271,184 @@ def test_a_refused_caller_is_woken_once_per_refusal_not_per_release():
         assert gate.try_acquire() is None  # refused: the next release wakes
         gate.release(b, OK)
         assert callers.wakes == 1
+
+    run(main())
+
+
+# --- adaptive concurrency (AIMD), lone vs broad refusals, budgets, throttled time ---------------
+
+
+def test_adaptive_window_slow_starts_then_grows_by_one_per_round_trip():
+    async def main():
+        clock = FakeClock()
+        gate = make(100, clock, pacing="adaptive")
+        sizes = []
+        for _ in range(6):  # round trips: admit a window's worth, all answered cleanly
+            tickets = [t for t in (gate.try_acquire() for _ in range(200)) if t is not None]
+            sizes.append(len(tickets))
+            for t in tickets:
+                gate.release(t, OK)
+        assert sizes == [8, 16, 32, 64, 100, 100]  # doubling per round trip, never above the cap
+        # A refusal: cut once for the whole window (the other refusals of that window are the
+        # same congestion event), then +1 per round trip.
+        tickets = [gate.try_acquire() for _ in range(100)]
+        for t in tickets[:10]:
+            gate.release(t, REFUSED)
+        assert gate.limit == pytest.approx(100 * BETA) and gate.cuts == 1
+        for t in tickets[10:]:
+            gate.release(t, OK)
+        assert 100 * BETA < gate.limit < 100 * BETA + 2
+        before = gate.limit
+        tickets = [t for t in (gate.try_acquire() for _ in range(100)) if t is not None]
+        for t in tickets:
+            gate.release(t, OK)
+        assert gate.limit == pytest.approx(before + 1, abs=0.05)  # additive: one per round trip
+
+    run(main())
+
+
+def test_two_adaptive_processes_share_a_quota_fairly_with_few_refusals():
+    """A deterministic round-based simulation: two gates, one server that serves at most
+    ``Q`` requests per round and refuses the rest (the latest arrivals first)."""
+
+    async def main():
+        clock = FakeClock()
+        gates = [make(500, clock, pacing="adaptive"), make(500, clock, pacing="adaptive")]
+        q = 120
+        sent = refused = 0
+        served = [0, 0]
+        for rnd in range(300):
+            if rnd == 100:
+                paused_by_then = [g.paused_seconds for g in gates]
+            batches = []
+            for i, g in enumerate(gates):
+                tickets = [t for t in (g.try_acquire() for _ in range(600)) if t is not None]
+                batches.append((i, tickets))
+            arrivals = [(i, t) for i, ts in batches for t in ts]
+            # Interleave the two processes' arrivals, as on a real network.
+            arrivals.sort(key=lambda it: (it[1], it[0]))
+            for n, (i, t) in enumerate(arrivals):
+                sent += 1
+                if n < q:
+                    gates[i].release(t, OK)
+                    if rnd >= 100:
+                        served[i] += 1
+                else:
+                    refused += 1
+                    gates[i].release(t, REFUSED, retry_after=0.1)
+            clock.advance(0.01)
+        share = [s / (sum(served) / 2) for s in served]
+        assert all(0.8 <= x <= 1.2 for x in share), share  # within 20 % of a fair share
+        # The quota is used (both cut in the same round here, the worst case for AIMD's sawtooth).
+        assert sum(served) / 200 >= 0.8 * q, sum(served) / 200
+        assert refused / sent < 0.05, refused / sent  # few refusals
+        # Steady state: no pauses (the slow start's first overshoot may pause once, briefly).
+        assert [g.paused_seconds for g in gates] == paused_by_then and not any(g.paused for g in gates)
+
+    run(main())
+
+
+def test_refusals_for_most_recent_answers_pause_everyone_a_few_do_not():
+    async def main():
+        clock = FakeClock()
+        gate = make(40, clock)
+        tickets = [gate.try_acquire() for _ in range(40)]
+        # A quota overshoot: the excess is refused, among successes. No pause.
+        for i, t in enumerate(tickets[:16]):
+            gate.release(t, REFUSED if i % 3 == 0 else OK, retry_after=2.0)
+        assert not gate.paused and gate.paused_seconds == 0.0
+        # Everyone refused (an announced pause): once most recent answers are refusals, pause.
+        refused = 0
+        for t in tickets[16:]:
+            gate.release(t, REFUSED, retry_after=2.0)
+            refused += 1
+            if gate.paused:
+                break
+        assert gate.paused and refused <= 12
+        clock.advance(2.0)
+        assert not gate.paused and gate.paused_seconds == pytest.approx(2.0)
+
+    run(main())
+
+
+def test_latency_rising_well_past_its_baseline_cuts_the_window():
+    async def main():
+        clock = FakeClock()
+        gate = make(64, clock, pacing="adaptive")
+        for _ in range(40):
+            gate.release(gate.try_acquire(), OK, latency=0.1)
+        grown = gate.limit
+        assert gate.cuts == 0
+        for _ in range(10):
+            gate.release(gate.try_acquire(), OK, latency=2.0)  # the server is queueing us
+        assert gate.cuts >= 1 and gate.limit < grown
+
+    run(main())
+
+
+def test_tokens_per_minute_budget_charges_estimates_corrects_from_usage_and_wakes_by_timer():
+    async def main():
+        clock = FakeClock()
+        gate = make(100, clock, max_tokens_per_minute=6000)  # 100 tokens/s, bucket of 1000
+        a = gate.try_acquire(cost=700)
+        b = gate.try_acquire(cost=700)  # the bucket (300 left) may go into debt: -400
+        assert a and b and gate.try_acquire(cost=10) is None
+        gate.release(a, OK, cost=700, tokens=300)  # usage says 300: 400 back, bucket at 0
+        callers = Callers(gate)
+        callers.add("x")
+        assert callers.names() == ["x"]  # 0 is not debt: admitted at once
+        gate.release(b, OK, cost=700, tokens=900)  # 200 more than charged: debt again
+        callers.waiting.append("y")
+        callers.pump()
+        assert callers.names() == ["x"] and gate.budget_waits >= 1
+        clock.advance(1.99)
+        assert callers.names() == ["x"]
+        clock.advance(0.02)  # the timer fires when the debt is paid (200 tokens at 100/s)
+        assert callers.names() == ["x", "y"]
+
+    run(main())
+
+
+def test_throttled_time_counts_pauses_and_budgets_not_the_cap():
+    async def main():
+        clock = FakeClock()
+        gate = make(1, clock)
+        t = gate.try_acquire()
+        assert gate.try_acquire() is None  # waiting for our own cap is not throttling
+        clock.advance(5.0)
+        assert gate.throttled_so_far() == 0.0
+        gate.release(t, OVERLOADED, retry_after=3.0)
+        callers = Callers(gate)
+        callers.add("w")
+        clock.advance(3.0)  # the pause ends, w is admitted
+        assert callers.names() == ["w"] and gate.throttled_so_far() == pytest.approx(3.0)
+
+    run(main())
+
+
+def test_external_permits_gate_admissions():
+    class Permits:  # what PermitPump offers the gate
+        available = 0
+        wanted = 0
+
+        def want(self):
+            self.wanted += 1
+
+        def take(self):
+            self.available -= 1
+
+    async def main():
+        clock = FakeClock()
+        permits = Permits()
+        gate = make(10, clock, permits=permits)
+        assert gate.try_acquire() is None and permits.wanted == 1
+        callers = Callers(gate)
+        callers.add("a", "b")
+        permits.available += 1
+        gate.permits_arrived()
+        assert callers.names() == ["a"] and permits.available == 0
+        permits.available += 1
+        gate.permits_arrived()
+        assert callers.names() == ["a", "b"]
 
     run(main())
