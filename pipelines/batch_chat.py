@@ -439,6 +439,10 @@ def job_summary(job: Job, result: Any, wall: float) -> dict[str, Any]:
         "sending_seconds": None if span is None else round(span, 3),
         "sending_requests_per_second": round(requests / span, 1) if span else None,
         **{name: counters.get(name, 0) for name in ("retries", "skipped_done", "duplicates")},
+        # Pacing: seconds paused by the server, throttled (paused, waiting for a budget or a
+        # permit, or held below the cap by the adaptive window), window cuts, budget waits.
+        **{name: counters.get(name, 0)
+           for name in ("paused_seconds", "throttled_seconds", "window_cuts", "budget_waits")},
         "output": job.output,
     }
 
