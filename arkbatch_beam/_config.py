@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import re
 import dataclasses
 import math
 from collections.abc import Iterator, Mapping
@@ -37,6 +38,7 @@ OPENAI_CHAT_PATH = "/chat/completions"
 DEFAULT_API_KEY_ENV = "ARK_API_KEY"
 
 MAX_TIMEOUT = 72 * 3600.0  # Ark's longest batch deadline
+_SECRET_VERSION = re.compile(r"^projects/[^/\s]+/secrets/[^/\s]+/versions/[^/\s]+$")
 
 
 def _num(x: float) -> str:
@@ -386,6 +388,9 @@ class Endpoint:
             OpenAI-compatible server).
         api_key_env: name of the environment variable holding the key, read in the worker.
             An empty string sends no ``Authorization`` header (local servers).
+        api_key_secret: a Secret Manager version (``projects/P/secrets/S/versions/V``) that
+            holds the key instead: read in the worker (Beam's ``GcpSecret``) when its client
+            starts, never in the graph.
         headers: extra request headers (never ``Authorization`` or another credential: a
             header whose name says key, token, secret, auth, password or cookie is refused).
         secret_headers: headers whose *values* are read from the environment in the worker,
@@ -404,6 +409,9 @@ class Endpoint:
                        "(any OpenAI-compatible server)")
     api_key_env: str = option(DEFAULT_API_KEY_ENV, help="environment variable holding the API key, read in the "
                               "workers ('' sends no key)")
+    api_key_secret: str | None = option(
+        None, help="Secret Manager version holding the API key (projects/P/secrets/S/versions/V), read in the "
+        "workers through Beam's GcpSecret instead of --api_key_env")
     headers: tuple[tuple[str, str], ...] = option((), kind=tuple, help="extra request headers", cli=False)
     secret_headers: tuple[tuple[str, str], ...] = option((), kind=tuple, help="headers read from environment variables",
                                                          cli=False)
@@ -416,6 +424,9 @@ class Endpoint:
             raise OptionError("base_url", f"must start with http:// or https://, got {self.base_url!r}")
         if not self.path.startswith("/"):
             raise OptionError("path", f"must start with '/', got {self.path!r}")
+        if self.api_key_secret is not None and not _SECRET_VERSION.match(self.api_key_secret):
+            raise OptionError("api_key_secret", "must name a Secret Manager version, "
+                              f"projects/PROJECT/secrets/NAME/versions/VERSION, got {self.api_key_secret!r}")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         object.__setattr__(self, "headers", _freeze_headers(self.headers))
         object.__setattr__(self, "secret_headers", _freeze_headers(self.secret_headers, "secret_headers"))
@@ -548,6 +559,7 @@ class ClientConfig:
             "model": self.endpoint.model or "",
             "url": self.endpoint.url,
             "api_key_env": self.endpoint.api_key_env,
+            "api_key_secret": self.endpoint.api_key_secret or "",
             "max_concurrency": self.max_concurrency,
             "timeout_s": self.timeout,
             "attempt_timeout_s": self.attempt_timeout or 0.0,
