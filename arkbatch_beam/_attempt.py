@@ -169,13 +169,41 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+def read_secret(version: str) -> str:
+    """The API key held by Secret Manager version ``version``, read now through Beam's ``GcpSecret``.
+
+    A failure is a :class:`MissingApiKey` naming the version and the reason (never a retry
+    loop: a worker that cannot read the key fails its bundle with this message, and the job
+    stops instead of hanging).
+    """
+    from apache_beam.utils.secret import GcpSecret
+
+    try:
+        value = GcpSecret(version).get_str()
+    except Exception as exc:  # noqa: BLE001 - permission, network, a missing version, no library
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise MissingApiKey(
+            f"could not read the API key from Secret Manager version {version}: {reason} (the workers' "
+            "service account needs roles/secretmanager.secretAccessor on it, and workers without public "
+            "IPs need Private Google Access)"
+        ) from None
+    if not value:
+        raise MissingApiKey(f"Secret Manager version {version} holds an empty API key")
+    return value.strip()
+
+
 def read_credentials(config: ClientConfig) -> tuple[dict[str, str], Redactor]:
-    """Headers holding the key and secret headers, read from the environment now, and a redactor."""
+    """Headers holding the key and secret headers, read now (environment or Secret Manager), and a
+    redactor that scrubs them."""
     ep = config.endpoint
     headers: dict[str, str] = {}
     secrets: list[str] = []
+    if ep.api_key_secret:
+        key = read_secret(ep.api_key_secret)
+        headers["Authorization"] = f"Bearer {key}"
+        secrets.append(key)
     wanted = list(ep.secret_headers)
-    if ep.api_key_env:
+    if ep.api_key_env and not ep.api_key_secret:
         wanted.append(("Authorization", ep.api_key_env))
     for name, env in wanted:
         value = os.environ.get(env, "")
@@ -221,7 +249,11 @@ class HttpTransport:
         ep = self.config.endpoint
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         headers.update(dict(ep.headers))
-        secret_headers, self.redactor = read_credentials(self.config)
+        if ep.api_key_secret:  # a network call: off the event loop
+            loop = asyncio.get_running_loop()
+            secret_headers, self.redactor = await loop.run_in_executor(None, read_credentials, self.config)
+        else:
+            secret_headers, self.redactor = read_credentials(self.config)
         headers.update(secret_headers)
         connector = aiohttp.TCPConnector(
             limit=0,

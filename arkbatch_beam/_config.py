@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import re
 import dataclasses
 import math
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -220,12 +220,24 @@ def add_flags(parser: argparse.ArgumentParser | Any, *classes: type) -> None:
             m = fl.meta
             help_text = f"{m['help']} [{fl.accepted()}; default {fl.default_text()}]"
             if m["kind"] is bool:
-                parser.add_argument("--" + fl.name, action="store_true", help=help_text)
+                # --flag, or --flag=true/false (how a Flex Template passes every parameter).
+                parser.add_argument("--" + fl.name, nargs="?", const=True, default=False, type=_flag_value,
+                                    metavar="true|false", help=help_text)
                 continue
             required = fl.field.default is dataclasses.MISSING
             parser.add_argument("--" + fl.name, type=m["kind"], default=None if required else fl.field.default,
                                 required=required, help=help_text, metavar=fl.name.upper() if not m["unit"] else
                                 m["unit"].strip().upper() or fl.name.upper())
+
+
+def _flag_value(text: str) -> bool:
+    """``true``/``false`` (and ``1``/``0``, ``yes``/``no``) for a flag given a value."""
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def from_flags(cls: type, values: Mapping[str, Any], **given: Any) -> Any:

@@ -51,6 +51,7 @@ from arkbatch_beam import (
     CompactOutput,
     InputOptions,
     JobProgress,
+    MissingApiKey,
     OptionError,
     SinkConfig,
     WriteResults,
@@ -64,6 +65,7 @@ from arkbatch_beam import (
     row_to_item,
     validate,
 )
+from arkbatch_beam._attempt import read_secret  # TODO(export): public once __init__ is free
 from arkbatch_beam.report import summarize, top_reasons
 
 log = logging.getLogger("arkbatch_beam")
@@ -365,14 +367,27 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, *, job: Job | Non
         failures | "WriteFailures" >> WriteResults(output, max_rows=job.sink.part_rows,
                                                     max_seconds=job.sink.part_seconds),
     ) | "AllParts" >> beam.Flatten()
-    if not opts.no_compact:
-        _ = parts | "Compact" >> CompactOutput(output)
+    done = (parts | "Compact" >> CompactOutput(output)) if not opts.no_compact else (
+        parts | "CountParts" >> beam.combiners.Count.Globally())
+    # The job writes its own summary.json once its output is final, so a detached launcher
+    # (--no_wait_until_finish, a Flex Template, a closed laptop) still gets one; a launcher that
+    # waits then rewrites it with the job's counters.
+    _ = done | "Summary" >> beam.ParDo(_SummaryDoFn(output, job.config.describe()))
 
 
 def check_environment(job: Job) -> None:
-    """The key's variable is set where the workers run (here, on an in-process runner)."""
+    """The key can be read where the workers run: its variable is set (here, on an in-process
+    runner), or its Secret Manager version can be read (checked from here when it can be)."""
     ep = job.config.endpoint
-    if ep.api_key_env and not os.environ.get(ep.api_key_env):
+    if ep.api_key_secret:
+        try:
+            read_secret(ep.api_key_secret)
+        except MissingApiKey as exc:
+            if runs_here(job):
+                raise UsageError(str(exc)) from None
+            log.warning("%s; checked from the launcher only: the workers read it with their own service "
+                        "account", exc)
+    elif ep.api_key_env and not os.environ.get(ep.api_key_env):
         if runs_here(job):
             raise UsageError(
                 f"environment variable {ep.api_key_env} is not set: export the API key there "
@@ -413,22 +428,55 @@ def execute(job: Job, *, save_main_session: bool = False) -> tuple[Any, float]:
     return p.result, time.monotonic() - started
 
 
-def job_summary(job: Job, result: Any, wall: float) -> dict[str, Any]:
-    """The job's summary: per-id counts read back from the output, plus the job's counters."""
-    counters, span = _job_metrics(result)
-    requests = counters.get("requests", 0)
-    try:  # final state per id, read back from the output (what a user will find there)
-        per_id = summarize(job.output)
+def output_summary(output: str) -> dict[str, Any]:
+    """Per-id counts read back from the output (each custom_id once, by its final state), as
+    ``python -m arkbatch_beam.report`` says: what a user will find there."""
+    try:
+        per_id = summarize(output)
     except Exception:  # noqa: BLE001 - e.g. a runner that wrote nowhere this process can read
-        log.warning("could not read %s back for the per-id counts", job.output, exc_info=True)
+        log.warning("could not read %s back for the per-id counts", output, exc_info=True)
         per_id = {"ok": 0, "failed": 0, "failures_by_type": {}, "duplicate_rows": 0, "tokens": {}}
     return {
-        # Per id (each custom_id once, by its final state), as python -m arkbatch_beam.report says.
         "ok": per_id["ok"],
         "failed": per_id["failed"],
         "failures_by_type": per_id["failures_by_type"],
         "duplicate_rows": per_id["duplicate_rows"],
         "tokens": per_id["tokens"],
+        "output": output,
+    }
+
+
+def save_summary(summary: dict[str, Any]) -> None:
+    """``OUTPUT/summary.json``, made visible whole (a temporary name, then a rename)."""
+    output = summary["output"]
+    final = FileSystems.join(output, "summary.json")
+    tmp = FileSystems.join(output, ".tmp-summary.json")
+    with FileSystems.create(tmp) as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    if FileSystems.exists(final):
+        FileSystems.delete([final])
+    FileSystems.rename([tmp], [final])
+
+
+class _SummaryDoFn(beam.DoFn):
+    """The job's last step: summary.json from the final output (no launcher needed)."""
+
+    def __init__(self, output: str, config: dict[str, Any]) -> None:
+        self._output = output
+        self._config = config
+
+    def process(self, _done: Any) -> Any:
+        summary = {**output_summary(self._output), "written_by": "pipeline", "config": self._config}
+        save_summary(summary)
+        yield summary
+
+
+def job_summary(job: Job, result: Any, wall: float) -> dict[str, Any]:
+    """The job's summary: per-id counts read back from the output, plus the job's counters."""
+    counters, span = _job_metrics(result)
+    requests = counters.get("requests", 0)
+    return {
+        **output_summary(job.output),
         # Rows as written while the job ran (bundle retries and superseded failures included).
         "rows_written_ok": counters.get("rows_written_ok", 0),
         "rows_written_failed": counters.get("rows_written_failed", 0),
@@ -443,7 +491,8 @@ def job_summary(job: Job, result: Any, wall: float) -> dict[str, Any]:
         # permit, or held below the cap by the adaptive window), window cuts, budget waits.
         **{name: counters.get(name, 0)
            for name in ("paused_seconds", "throttled_seconds", "window_cuts", "budget_waits")},
-        "output": job.output,
+        "written_by": "launcher",
+        "config": job.config.describe(),
     }
 
 
@@ -451,9 +500,8 @@ def write_summary(summary: dict[str, Any]) -> None:
     """``OUTPUT/summary.json``, and the one-line summary on stdout."""
     output = summary["output"]
     try:
-        with FileSystems.create(FileSystems.join(output, "summary.json")) as f:
-            f.write(json.dumps(summary, indent=2).encode())
-    except Exception:  # noqa: BLE001 - the summary file is a convenience
+        save_summary(summary)
+    except Exception:  # noqa: BLE001 - the pipeline wrote one already; this adds the counters
         log.warning("could not write summary.json", exc_info=True)
     reasons = top_reasons(summary)
     span = summary["sending_seconds"]
@@ -481,9 +529,22 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         preflight(job.config)
     check_output(job)
     result, wall = execute(job, save_main_session=save_main_session)
+    if detached(job):
+        # The job goes on without us (--no_wait_until_finish, a Flex Template): its last step
+        # writes OUTPUT/summary.json; nothing here waits for it.
+        print(f"submitted: the job writes {job.output}/summary.json when it ends "
+              f"(python -m arkbatch_beam.report {job.output} reads the output at any time)", flush=True)
+        return {"output": job.output, "written_by": "pipeline", "submitted": True}
     summary = job_summary(job, result, wall)
     write_summary(summary)
     return summary
+
+
+def detached(job: Job) -> bool:
+    """Whether the launcher submits the job and leaves (``--no_wait_until_finish``)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    return bool(PipelineOptions(list(job.beam_args)).view_as(StandardOptions).no_wait_until_finish)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

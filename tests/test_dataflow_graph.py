@@ -334,6 +334,8 @@ def test_dataflow_graph_builds_offline_with_the_expected_steps_and_no_key(prompt
     parts = set(top["WriteResults"].outputs.values()) | set(top["WriteFailures"].outputs.values())
     assert set(top["AllParts"].inputs.values()) == parts
     assert set(top["Compact"].inputs.values()) == set(top["AllParts"].outputs.values())
+    # The job's last step writes summary.json itself (no launcher needs to stay attached).
+    assert set(top["Summary"].inputs.values()) == set(top["Compact"].outputs.values())
 
     # (b) no key anywhere: raw bytes, and every pickle decoded (the inference DoFn among them).
     pickles = assert_no_secret_in(proto)
