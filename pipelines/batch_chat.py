@@ -101,6 +101,26 @@ class JobOptions:
         validate(self)
 
 
+class FlinkJavaOptions(PipelineOptions):
+    """Options of Beam's Java Flink runner that the Python SDK declares no flag for.
+
+    They are *pipeline* options (not the job server's): declared here, they travel with the
+    pipeline to the job server, which drops undeclared ones. Both apply to Flink 1.x's batch
+    (DataSet) translation only; with ``--flink_version`` 2.x they do nothing.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        parser.add_argument(
+            "--execution_mode_for_batch", default=None, choices=("PIPELINED", "BATCH_FORCED"),
+            help="Flink 1.x batch: BATCH_FORCED makes every exchange blocking, so a stage starts when its "
+            "inputs are complete (PIPELINED, the default, starts every stage at once)")
+        parser.add_argument(
+            "--load_balance_bundles", default=None, action="store_true",
+            help="Flink 1.x: at most as many open bundles as SDK workers across stages (can deadlock a "
+            "batch job whose stages all start at once; see the README)")
+
+
 # Every config class whose fields are flags, in the order --help and the README show them.
 CONFIG_CLASSES: tuple[type, ...] = (JobOptions, ClientConfig, InputOptions, SinkConfig)
 

@@ -21,8 +21,12 @@ def endpoint(server):
 
 
 def lines(n, prefix="q"):
-    return [json.dumps({"custom_id": f"{prefix}-{i}", "body": {"messages": [{"role": "user", "content": f"{prefix} {i}"}]}})
-            for i in range(n)]
+    body = {"messages": [{"role": "user", "content": ""}]}
+    out = []
+    for i in range(n):
+        body["messages"][0]["content"] = f"{prefix} {i}"
+        out.append(json.dumps({"custom_id": f"{prefix}-{i}", "body": body}))
+    return out
 
 
 def counters(result):

@@ -26,7 +26,6 @@ import grpc
 import psutil
 import pyarrow.dataset as ds
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from arkbatch_beam.testing import FakeArkServer, Fault
 from pipelines import batch_chat
@@ -39,24 +38,15 @@ ROOT = Path(__file__).resolve().parent.parent
 N = 200
 
 
-class JobServerOptions(PipelineOptions):
-    """A Java ``FlinkPipelineOptions`` flag that Beam's Python SDK declares no flag for.
-
-    Only declared options travel to the job server with the pipeline (the Flink jar job server
-    drops unknown ones). ``--execution_mode_for_batch=BATCH_FORCED`` makes every exchange
-    blocking, so Flink starts a stage only when its inputs are complete: the two inference
-    subtasks are then the only stages opening in the job's SDK-worker context, take consecutive
-    round-robin slots and so land in two different worker processes. (With the default
-    PIPELINED mode every stage opens at once and the slot order is a race: about one run in
-    eight put both inference subtasks into one process. ``--load_balance_bundles`` is no way
-    out in batch: each stage holds a worker for its whole input, so downstream stages that are
-    already waiting for input take every worker and the read stage never gets one: a deadlock.)
-    """
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument("--execution_mode_for_batch", default=None,
-                            help="Flink job server: PIPELINED (default) or BATCH_FORCED")
+# --execution_mode_for_batch=BATCH_FORCED (a Java FlinkPipelineOptions flag, declared by the CLI's
+# FlinkJavaOptions so it travels with the pipeline) makes every exchange blocking, so Flink starts a
+# stage only when its inputs are complete: the two inference subtasks are then the only stages
+# opening in the job's SDK-worker context, take consecutive round-robin slots and so land in two
+# different worker processes. (With the default PIPELINED mode every stage opens at once and the
+# slot order is a race: about one run in eight put both inference subtasks into one process.
+# --load_balance_bundles is no way out in batch: each stage holds a worker for its whole input, so
+# downstream stages that are already waiting for input take every worker and the read stage never
+# gets one: a deadlock.)
 
 
 def _runner_hung_up(exc):
@@ -148,7 +138,8 @@ def test_flink_loopback(server, tmp_path, flink, capsys):
         ("invalid_json", None), ("rejected", "id-9")]
     assert failed[1]["http_status"] == 400 and failed[1]["error_message"] == "refused by policy"
     assert server.peak_in_flight <= 8
-    summary = json.load(open(os.path.join(out, "summary.json")))
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
     assert (summary["ok"], summary["failed"]) == (N - 1, 2)  # Flink reports the metrics back
     assert KEY not in capsys.readouterr().out
     print(f"flink loopback: {time.monotonic() - started:.1f}s")
