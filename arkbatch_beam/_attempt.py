@@ -35,6 +35,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -59,6 +60,8 @@ from ._retry import parse_retry_after
 
 log = logging.getLogger("arkbatch_beam")
 
+# File descriptors a worker process needs besides one socket per request in flight.
+FILES_BESIDES_SOCKETS = 256
 # A chat completion is kilobytes; a body beyond this is a broken or hostile server.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
@@ -169,6 +172,51 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+def tls_context(config: ClientConfig) -> ssl.SSLContext:
+    """The TLS context for ``https://``: the system's trust store (honouring ``SSL_CERT_FILE``
+    and ``SSL_CERT_DIR``), or ``Endpoint.ca_bundle``'s certificates. Always verifying.
+
+    Example:
+        >>> from arkbatch_beam import ClientConfig, Endpoint
+        >>> ctx = tls_context(ClientConfig(Endpoint("m")))
+        >>> ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+        True
+    """
+    cafile = config.endpoint.ca_bundle
+    try:
+        ctx = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"cannot read the CA bundle {cafile!r} (ca_bundle): {exc}") from None
+    return ctx
+
+
+def raise_open_file_limit(needed: int) -> int:
+    """Raise this process's open-file limit (soft, up to the hard one) to ``needed``; the limit now.
+
+    Each request in flight holds a socket (HTTP/1.1), so ``max_concurrency`` needs at least as many
+    file descriptors, plus some for the process itself. When the hard limit is lower, a warning
+    says which limit to raise (before the job runs out of sockets mid-way).
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return needed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return needed if soft == resource.RLIM_INFINITY else soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < needed:
+        log.warning(
+            "arkbatch: this process may open %d files (hard limit %s) but max_concurrency needs about %d: "
+            "raise the hard limit (ulimit -Hn, LimitNOFILE=, or the container's nofile ulimit) or lower "
+            "--max_concurrency", target, hard, needed)
+    return target
+
+
 def read_secret(version: str) -> str:
     """The API key held by Secret Manager version ``version``, read now through Beam's ``GcpSecret``.
 
@@ -246,6 +294,8 @@ class HttpTransport:
         """Read the credentials from the environment and open the session (idempotent)."""
         if self._session is not None:
             return
+        # One socket per request in flight (HTTP/1.1), plus the process's own files.
+        raise_open_file_limit(self.config.max_concurrency + FILES_BESIDES_SOCKETS)
         ep = self.config.endpoint
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         headers.update(dict(ep.headers))
@@ -256,6 +306,7 @@ class HttpTransport:
             secret_headers, self.redactor = read_credentials(self.config)
         headers.update(secret_headers)
         connector = aiohttp.TCPConnector(
+            ssl=tls_context(self.config),
             limit=0,
             limit_per_host=0,
             ttl_dns_cache=300,

@@ -403,6 +403,9 @@ class Endpoint:
         api_key_secret: a Secret Manager version (``projects/P/secrets/S/versions/V``) that
             holds the key instead: read in the worker (Beam's ``GcpSecret``) when its client
             starts, never in the graph.
+        ca_bundle: a PEM file of certificate authorities to trust for ``https://`` (a private
+            CA, a test certificate); the file must exist where the workers run. Default: the
+            system's store (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` are honoured).
         headers: extra request headers (never ``Authorization`` or another credential: a
             header whose name says key, token, secret, auth, password or cookie is refused).
         secret_headers: headers whose *values* are read from the environment in the worker,
@@ -424,6 +427,9 @@ class Endpoint:
     api_key_secret: str | None = option(
         None, help="Secret Manager version holding the API key (projects/P/secrets/S/versions/V), read in the "
         "workers through Beam's GcpSecret instead of --api_key_env")
+    ca_bundle: str | None = option(
+        None, help="PEM file of the certificate authorities to trust for https:// (default: the system's, or "
+        "the file named by SSL_CERT_FILE); verification is never turned off")
     headers: tuple[tuple[str, str], ...] = option((), kind=tuple, help="extra request headers", cli=False)
     secret_headers: tuple[tuple[str, str], ...] = option((), kind=tuple, help="headers read from environment variables",
                                                          cli=False)

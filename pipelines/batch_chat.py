@@ -65,7 +65,7 @@ from arkbatch_beam import (
     row_to_item,
     validate,
 )
-from arkbatch_beam._attempt import read_secret  # TODO(export): public once __init__ is free
+from arkbatch_beam._attempt import read_secret, tls_context  # TODO(export): public once __init__ is free
 from arkbatch_beam.report import summarize, top_reasons
 
 log = logging.getLogger("arkbatch_beam")
@@ -414,6 +414,11 @@ def check_environment(job: Job) -> None:
                 "(it is read in the workers, never put in the pipeline)"
             )
         log.warning("%s is not set here; the workers must have it in their environment", ep.api_key_env)
+    if ep.ca_bundle and runs_here(job):
+        try:
+            tls_context(job.config)
+        except OSError as exc:
+            raise UsageError(f"--ca_bundle: {exc}") from None
     if job.config.timeout < 600 and not ep.base_url.startswith(("http://127.", "http://localhost")):
         log.warning("--timeout %gs is below Ark's advised 10 minutes for batch endpoints", job.config.timeout)
 
