@@ -49,8 +49,9 @@ from apache_beam.metrics import Metrics
 
 from ._errors import DUPLICATE, InternalError, final_on_resume
 from ._inputs import InputOptions, parse_input
+from ._parquet_io import iter_batches
 from ._progress import JobProgress
-from ._sink import FAILURES_DIR, RESULTS_DIR, part_files, read_columns
+from ._sink import FAILURES_DIR, RESULTS_DIR, part_files
 from ._types import NAMESPACE, RESULT_FIELDS, STATUS_FAILED, ChatRequest, ChatResult, request_hash
 
 log = logging.getLogger("arkbatch_beam")
@@ -72,16 +73,19 @@ class _DoneIdsFromFile(beam.DoFn):
 
     def process(self, item: tuple[str, str]):
         kind, path = item
-        if kind == RESULTS_DIR:
-            cols = read_columns(path, ["custom_id", "status"])
-            for cid, status in zip(cols["custom_id"], cols["status"], strict=True):
-                if final_on_resume(status, None, None):
-                    yield cid
-        elif not self._retry_failed:
-            cols = read_columns(path, ["custom_id", "retryable", "error_type"])
-            for cid, retryable, etype in zip(
-                cols["custom_id"], cols["retryable"], cols["error_type"], strict=True
-            ):
+        if kind != RESULTS_DIR and self._retry_failed:
+            return
+        columns = ["custom_id", "status"] if kind == RESULTS_DIR else ["custom_id", "retryable", "error_type"]
+        # In record batches: a merged file of 500,000 rows is never one list of Python values.
+        for batch in iter_batches(path, columns):
+            names = batch.schema.names
+            cols = {c: batch.column(c).to_pylist() if c in names else [None] * batch.num_rows for c in columns}
+            if kind == RESULTS_DIR:
+                for cid, status in zip(cols["custom_id"], cols["status"], strict=True):
+                    if final_on_resume(status, None, None):
+                        yield cid
+                continue
+            for cid, retryable, etype in zip(cols["custom_id"], cols["retryable"], cols["error_type"], strict=True):
                 if final_on_resume(STATUS_FAILED, etype, retryable):
                     yield cid
 
@@ -165,6 +169,10 @@ class _Resolve(beam.DoFn):
         if self._progress is not None:
             self._progress.add_skipped(n)
 
+    def _duplicates(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.add_failed(n)
+
     def setup(self) -> None:
         self._skipped = Metrics.counter(NAMESPACE, "skipped_done")
         self._dups = Metrics.counter(NAMESPACE, "duplicates")
@@ -198,7 +206,7 @@ class _Resolve(beam.DoFn):
         yield self._winner(cid, best)
         if n == 1:
             return
-        self._skip(n - 1)
+        self._duplicates(n - 1)
         # Pass 2: every other copy becomes a duplicate_custom_id row, emitted as it is read.
         passed_winner = False
         for value in values:

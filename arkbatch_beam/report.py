@@ -25,80 +25,236 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ._sink import FAILURES_DIR, RESULTS_DIR, part_files, read_columns
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ._parquet_io import iter_batches
+from ._sink import FAILURES_DIR, RESULTS_DIR, part_files
 from ._types import DUPLICATE
 
 _TOKENS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+_READERS = 8  # files read ahead in threads (object stores: latency, not bandwidth, per file)
+_MAX_MESSAGES = 100_000  # distinct (type, message) pairs held before the rarest are dropped
 
 
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
+def _percentile(sorted_values: Any, q: float) -> float | None:
+    if not len(sorted_values):
         return None
     idx = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
-    return round(sorted_values[idx], 1)
+    return round(float(sorted_values[idx]), 1)
 
 
 def _newest_first(directory: str) -> list[Any]:
-    return sorted(part_files(directory), key=lambda m: m.last_updated_in_seconds, reverse=True)
+    return sorted(part_files(directory), key=lambda m: (-m.last_updated_in_seconds, m.path))
 
 
-def summarize(output: str, *, top: int = 10) -> dict[str, Any]:
+def _column(batch: pa.RecordBatch, name: str, kind: pa.DataType) -> pa.Array:
+    if name in batch.schema.names:
+        return batch.column(name)
+    return pa.nulls(batch.num_rows, kind)
+
+
+def _hashes(ids: pa.Array) -> np.ndarray:
+    """64-bit hashes of the ids (one process: Python's string hash is stable within it)."""
+    values = ids.to_pylist()
+    return np.fromiter(map(hash, values), dtype=np.int64, count=len(values))
+
+
+def _read_results(meta: Any) -> dict[str, np.ndarray]:
+    cols = ["custom_id", "latency_ms", "attempts", *_TOKENS]
+    hashes, latency, attempts, tokens = [], [], [], []
+    for batch in iter_batches(meta.path, cols, size=meta.size_in_bytes):
+        hashes.append(_hashes(_column(batch, "custom_id", pa.string())))
+        lat = pc.fill_null(_column(batch, "latency_ms", pa.float64()).cast(pa.float64()), float("nan"))
+        latency.append(lat.to_numpy().astype(np.float32))
+        attempts.append(pc.fill_null(_column(batch, "attempts", pa.int32()).cast(pa.int32()), -1).to_numpy())
+        tokens.append(np.stack([pc.fill_null(_column(batch, t, pa.int64()).cast(pa.int64()), 0).to_numpy()
+                                for t in _TOKENS], axis=1))
+    return {"hashes": _cat(hashes, np.int64), "latency": _cat(latency, np.float32),
+            "attempts": _cat(attempts, np.int32),
+            "tokens": np.concatenate(tokens) if tokens else np.zeros((0, len(_TOKENS)), np.int64)}
+
+
+def _read_failures(meta: Any) -> dict[str, Any]:
+    cols = ["custom_id", "error_type", "http_status", "error_message", "retryable"]
+    out: dict[str, Any] = {"hashes": [], "n": 0, "duplicates": 0, "rows": []}
+    for batch in iter_batches(meta.path, cols, size=meta.size_in_bytes):
+        etype = _column(batch, "error_type", pa.string())
+        dup = pc.fill_null(pc.equal(etype, DUPLICATE), False).to_numpy(zero_copy_only=False)
+        out["n"] += batch.num_rows
+        out["duplicates"] += int(dup.sum())
+        keep = pa.array(np.flatnonzero(~dup))
+        out["hashes"].append(_hashes(_column(batch, "custom_id", pa.string()).take(keep)))
+        out["rows"].append(pa.table({
+            "error_type": etype.take(keep), "http_status": _column(batch, "http_status", pa.int32()).take(keep),
+            "error_message": _column(batch, "error_message", pa.string()).take(keep),
+            "retryable": _column(batch, "retryable", pa.bool_()).take(keep),
+        }))
+    out["hashes"] = _cat(out["hashes"], np.int64)
+    return out
+
+
+def _cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+
+def _read_ahead(read: Callable[[Any], Any], metas: list[Any]) -> Iterator[tuple[Any, Any]]:
+    """``(meta, read(meta))`` in order, with up to ``_READERS`` files read ahead in threads."""
+    with ThreadPoolExecutor(_READERS, thread_name_prefix="arkbatch-report") as pool:
+        pending: list[Any] = []
+        it = iter(metas)
+        for meta in it:
+            pending.append((meta, pool.submit(read, meta)))
+            if len(pending) >= 2 * _READERS:
+                break
+        while pending:
+            meta, fut = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(read, nxt)))
+            yield meta, fut.result()
+
+
+class _SeenIds:
+    """A set of 64-bit id hashes in ~8 bytes each: a sorted array, plus a small set of recent ones
+    merged into it now and then (a merge of two sorted runs: linear)."""
+
+    RECENT = 1 << 17
+
+    def __init__(self) -> None:
+        self._sorted = np.zeros(0, dtype=np.int64)
+        self._recent: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent)
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(hashes), dtype=bool)
+        if len(self._sorted):
+            at = np.minimum(np.searchsorted(self._sorted, hashes), len(self._sorted) - 1)
+            found = self._sorted[at] == hashes
+        if self._recent:
+            recent = self._recent
+            found |= np.fromiter((h in recent for h in hashes.tolist()), dtype=bool, count=len(hashes))
+        return found
+
+    def add(self, hashes: np.ndarray) -> None:
+        self._recent.update(hashes.tolist())
+        if len(self._recent) >= self.RECENT:
+            self._merge()
+
+    def _merge(self) -> None:
+        if self._recent:
+            new = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
+            new.sort()
+            self._sorted = np.sort(np.concatenate([self._sorted, new]), kind="stable")
+            self._recent = set()
+
+
+def _first_unseen(hashes: np.ndarray, *seen: _SeenIds) -> np.ndarray:
+    """Rows whose id is in none of ``seen`` and not earlier in ``hashes``."""
+    new = np.zeros(len(hashes), dtype=bool)
+    if len(hashes):
+        _, first = np.unique(hashes, return_index=True)
+        new[first] = True
+        for s in seen:
+            new &= ~s.contains(hashes)
+    return new
+
+
+class _Progress:
+    def __init__(self, every: float, stream: Any) -> None:
+        self._every = every
+        self._stream = stream
+        self._started = self._last = time.monotonic()
+
+    def __call__(self, stage: str, done: int, total: int, rows: int) -> None:
+        now = time.monotonic()
+        if self._every and now - self._last >= self._every:
+            self._last = now
+            print(f"report: {stage} {done}/{total} files, {rows} rows, {now - self._started:.0f} s",
+                  file=self._stream, flush=True)
+
+
+def summarize(output: str, *, top: int = 10, progress_seconds: float = 0.0, stream: Any = None) -> dict[str, Any]:
     """Figures for the output folder ``output``, per id and per row written.
 
     Every figure but ``rows_written`` counts each ``custom_id`` once, by its final state: an
     id with an ``ok`` row is ok (its tokens and latency counted once, however many copies a
     bundle retry or a resumed run wrote); otherwise it is failed with the newest of its failure
     rows. ``duplicate_custom_id`` rows (extra input lines that reuse an id) are counted apart,
-    as ``duplicate_rows``. Memory grows with the number of ids (a 64-bit hash each).
+    as ``duplicate_rows``.
+
+    One pass, newest file first, a few files read ahead by threads (an object store's per-file
+    latency overlaps). Memory is bounded per id, never a Python object per id: a 64-bit id hash
+    in a sorted array (8 bytes) and the latency (4 bytes) per answered id, 8 bytes per failed id.
+    ``progress_seconds``: a line on ``stream`` (default stderr) at most that often (0: none).
+
+    Example:
+        >>> import tempfile
+        >>> from arkbatch_beam import ChatResult, OUTPUT_SCHEMA
+        >>> from arkbatch_beam._sink import write_parquet_atomic
+        >>> out = tempfile.mkdtemp()
+        >>> _ = write_parquet_atomic([ChatResult("a", "ok", prompt_tokens=3).to_row()] * 2,
+        ...                          out + "/results", OUTPUT_SCHEMA)
+        >>> s = summarize(out)
+        >>> s["ok"], s["tokens"]["prompt_tokens"], s["rows_written"]["results"]
+        (1, 3, 2)
     """
     output = output.rstrip("/")
-    tokens: Counter[str] = Counter()
-    latencies: list[float] = []
+    note = _Progress(progress_seconds, stream if stream is not None else sys.stderr)
+
+    ok_ids = _SeenIds()
+    tokens = np.zeros(len(_TOKENS), dtype=np.int64)
+    latency: list[np.ndarray] = []
     attempts: Counter[int] = Counter()
+    rows_ok = 0
+    res_metas = _newest_first(f"{output}/{RESULTS_DIR}")
+    for i, (_, got) in enumerate(_read_ahead(_read_results, res_metas)):
+        rows_ok += len(got["hashes"])
+        new = _first_unseen(got["hashes"], ok_ids)  # a copy of an id answered in a newer file: skipped
+        ok_ids.add(got["hashes"][new])
+        tokens += got["tokens"][new].sum(axis=0)
+        lat = got["latency"][new]
+        latency.append(lat[~np.isnan(lat)])
+        att = got["attempts"][new]
+        values, counts = np.unique(att[att >= 0], return_counts=True)
+        attempts.update(dict(zip(values.tolist(), counts.tolist(), strict=True)))
+        note("results", i + 1, len(res_metas), rows_ok)
+    lat_sorted = np.sort(_cat(latency, np.float32))
+    del latency
+
+    failed_ids = _SeenIds()
     by_type: Counter[str] = Counter()
     by_status: Counter[str] = Counter()
     messages: Counter[tuple[str, str]] = Counter()
-    retryable = duplicates = rows_ok = rows_failed = files = 0
-    ok_ids: set[int] = set()
-    for meta in _newest_first(f"{output}/{RESULTS_DIR}"):
-        files += 1
-        cols = read_columns(meta.path, ["custom_id", "latency_ms", "attempts", *_TOKENS])
-        rows_ok += len(cols["custom_id"])
-        for i, cid in enumerate(cols["custom_id"]):
-            h = hash(cid)
-            if h in ok_ids:
-                continue  # another copy of an answered id
-            ok_ids.add(h)
-            for name in _TOKENS:
-                tokens[name] += cols[name][i] or 0
-            if cols["latency_ms"][i] is not None:
-                latencies.append(cols["latency_ms"][i])
-            if cols["attempts"][i] is not None:
-                attempts[cols["attempts"][i]] += 1
-    failed_ids: set[int] = set()
-    for meta in _newest_first(f"{output}/{FAILURES_DIR}"):
-        files += 1
-        cols = read_columns(meta.path, ["custom_id", "error_type", "http_status", "error_message", "retryable"])
-        rows_failed += len(cols["custom_id"])
-        for i, cid in enumerate(cols["custom_id"]):
-            etype = cols["error_type"][i] or "unknown"
-            if etype == DUPLICATE:
-                duplicates += 1
-                continue
-            h = hash(cid)
-            if h in ok_ids or h in failed_ids:
-                continue  # answered after all, or an older copy of this failure
-            failed_ids.add(h)
-            by_type[etype] += 1
-            if cols["http_status"][i] is not None:
-                by_status[str(cols["http_status"][i])] += 1
-            retryable += bool(cols["retryable"][i])
-            messages[(etype, (cols["error_message"][i] or "")[:160])] += 1
-    latencies.sort()
+    retryable = duplicates = rows_failed = 0
+    fail_metas = _newest_first(f"{output}/{FAILURES_DIR}")
+    for i, (_, got) in enumerate(_read_ahead(_read_failures, fail_metas)):
+        rows_failed += got["n"]
+        duplicates += got["duplicates"]
+        new = _first_unseen(got["hashes"], ok_ids, failed_ids)  # answered after all, or an older copy
+        failed_ids.add(got["hashes"][new])
+        if new.any():
+            rows = pa.concat_tables(got["rows"]).filter(pa.array(new))
+            for etype, status, message, retry in zip(*(rows.column(c).to_pylist() for c in rows.column_names),
+                                                     strict=True):
+                etype = etype or "unknown"
+                by_type[etype] += 1
+                if status is not None:
+                    by_status[str(status)] += 1
+                retryable += bool(retry)
+                messages[(etype, (message or "")[:160])] += 1
+            if len(messages) > _MAX_MESSAGES:  # keep the common ones (an approximate top list)
+                messages = Counter(dict(messages.most_common(_MAX_MESSAGES // 10)))
+        note("failures", i + 1, len(fail_metas), rows_failed)
     ok, failed = len(ok_ids), len(failed_ids)
     total = ok + failed
     return {
@@ -114,17 +270,17 @@ def summarize(output: str, *, top: int = 10) -> dict[str, Any]:
             {"error_type": t, "message": m, "count": c} for (t, m), c in messages.most_common(top)
         ],
         "duplicate_rows": duplicates,
-        "tokens": dict(tokens),
+        "tokens": dict(zip(_TOKENS, tokens.tolist(), strict=True)),
         "latency_ms": {
-            "p50": _percentile(latencies, 0.50),
-            "p90": _percentile(latencies, 0.90),
-            "p99": _percentile(latencies, 0.99),
-            "max": round(latencies[-1], 1) if latencies else None,
+            "p50": _percentile(lat_sorted, 0.50),
+            "p90": _percentile(lat_sorted, 0.90),
+            "p99": _percentile(lat_sorted, 0.99),
+            "max": round(float(lat_sorted[-1]), 1) if len(lat_sorted) else None,
         },
         "attempts": {str(k): v for k, v in sorted(attempts.items())},
         "rows_written": {"results": rows_ok, "failures": rows_failed},
         "rows": rows_ok + rows_failed,
-        "files": files,
+        "files": len(res_metas) + len(fail_metas),
     }
 
 
@@ -135,7 +291,8 @@ def top_reasons(summary: dict[str, Any], n: int = 3) -> str:
         >>> top_reasons({"failures_by_type": {"rejected": 12, "deadline_exceeded": 3}})
         'rejected 12, deadline_exceeded 3'
     """
-    return ", ".join(f"{k} {v}" for k, v in list(summary["failures_by_type"].items())[:n])
+    ranked = sorted(summary["failures_by_type"].items(), key=lambda kv: (-kv[1], kv[0]))  # ties: by name
+    return ", ".join(f"{k} {v}" for k, v in ranked[:n])
 
 
 def format_text(s: dict[str, Any]) -> str:
@@ -164,10 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("output", help="the job's --output folder (local or gs://)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--top", type=int, default=10, help="failure messages to list (1..1000)")
+    ap.add_argument("--progress_seconds", type=float, default=5.0,
+                    help="a progress line on stderr this often while it reads (0: none)")
     args = ap.parse_args(argv)
     if not 1 <= args.top <= 1000:
         ap.error(f"--top must be in 1..1000, got {args.top}")
-    summary = summarize(args.output, top=args.top)
+    summary = summarize(args.output, top=args.top, progress_seconds=args.progress_seconds)
     if summary["files"] == 0:
         print(f"error: no Parquet output under {args.output}/{{results,failures}}", file=sys.stderr)
         return 2

@@ -122,9 +122,9 @@ def test_cli_reads_and_writes_gs_and_resumes_there(gcs, server, capsys):
     objects = listing(f"{root}/out")
     assert "summary.json" in objects
     assert not [o for o in objects if "/.tmp-" in o], objects  # every part was renamed when complete
-    # 39 answers in parts of 7 were merged (compaction: batch copy + batch delete on gs://); the
-    # single failures part needs no merge and stays as written.
-    assert [o.split("-")[0] for o in objects] == ["failures/part", "results/data", "summary.json"], objects
+    # The parts were merged by the parallel compaction into one bucket's files per kind on gs://
+    # (data-<buckets>-<bucket>-<run>-<k>), and the parts deleted.
+    assert [o.split("-")[0] for o in objects] == ["failures/data", "results/data", "summary.json"], objects
     ok = read_rows(f"{root}/out/results")
     assert [r["custom_id"] for r in ok] == sorted(f"id-{i}" for i in range(40) if i != 4)
     for r in ok:  # row by row

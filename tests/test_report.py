@@ -57,3 +57,38 @@ def test_counts_are_per_id_and_rows_written_apart(tmp_path):
     assert s["tokens"]["prompt_tokens"] == 17  # "a" once
     assert s["failures_by_type"] == {"rejected": 1} and s["failed_retryable"] == 0
     assert s["rows_written"] == {"results": 3, "failures": 4} and s["rows"] == 7
+
+
+def test_copies_in_many_files_count_once_with_their_tokens(tmp_path):
+    out = str(tmp_path)
+    for f in range(6):  # every id written by three files (bundle retries, a resumed run)
+        write_parquet_atomic([ChatResult(f"a{i}", "ok", prompt_tokens=i, attempts=1 + f % 2,
+                                         latency_ms=float(i)).to_row() for i in range(f % 3, 30, 3)],
+                             out + "/results", OUTPUT_SCHEMA)
+    write_parquet_atomic([ChatResult.failure(f"a{i}", "deadline_exceeded", "late", retryable=True).to_row()
+                          for i in range(10)] + [ChatResult.failure("z", "rejected", "no").to_row()] * 3,
+                         out + "/failures", OUTPUT_SCHEMA)
+    s = summarize(out)
+    assert (s["ok"], s["failed"], s["ids"]) == (30, 1, 31)
+    assert s["tokens"]["prompt_tokens"] == sum(range(30))
+    assert s["rows_written"] == {"results": 60, "failures": 13} and s["files"] == 7
+    assert s["failures_by_type"] == {"rejected": 1} and s["failed_retryable"] == 0
+    assert sum(s["attempts"].values()) == 30 and s["latency_ms"]["max"] == 29.0
+
+
+def test_progress_lines_while_it_reads(tmp_path):
+    import io
+
+    out = make_output(tmp_path)
+    stream = io.StringIO()
+    summarize(out, progress_seconds=1e-9, stream=stream)
+    lines = stream.getvalue().splitlines()
+    assert lines and all(line.startswith("report: ") for line in lines)
+    assert "results 2/2 files, 100 rows" in lines[1] and "failures 1/1 files, 3 rows" in lines[-1]
+
+
+def test_the_id_set_merges_its_recent_ids(tmp_path, monkeypatch):
+    from arkbatch_beam import report
+
+    monkeypatch.setattr(report._SeenIds, "RECENT", 4)  # merge into the sorted array every 4 ids
+    test_copies_in_many_files_count_once_with_their_tokens(tmp_path)
