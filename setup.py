@@ -14,15 +14,22 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.14",
     packages=find_packages(include=["arkbatch_beam", "arkbatch_beam.*", "pipelines", "pipelines.*"]),
+    # The Beam YAML provider file (python -m arkbatch_beam.yaml_provider prints its path).
+    package_data={"arkbatch_beam": ["yaml/*.yaml"]},
     install_requires=[
         "apache-beam[gcp]>=2.77.0,<2.78",
         "aiohttp>=3.12,<4",
         "pyarrow>=14.0.1,<26",
         "google-cloud-storage>=2.18.2,<4",
         "orjson>=3.9.7,<4",
+        # Checks structured output (--response_format) against its JSON schema.
+        "jsonschema>=4,<5",
     ],
     extras_require={
+        # Beam YAML pipelines (type: BatchChatInference): Beam's YAML runner and its file readers.
+        "yaml": ["apache-beam[gcp,yaml]>=2.77.0,<2.78"],
         "test": [
+            "apache-beam[gcp,yaml]>=2.77.0,<2.78",
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
             "pytest-asyncio>=0.24,<2",

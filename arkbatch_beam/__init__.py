@@ -46,10 +46,12 @@ from ._errors import (
     EndpointUnusable,
     InputError,
     InternalError,
+    InvalidOutput,
     InvalidRequest,
     InvalidResponse,
     JobError,
     MissingApiKey,
+    MissingColumn,
     OptionError,
     RateLimited,
     RequestRejected,
@@ -71,10 +73,12 @@ from ._types import NAMESPACE, ChatRequest, ChatResult
 if TYPE_CHECKING:  # type checkers and IDEs see the real names
     from ._schema import OUTPUT_SCHEMA
     from ._sink import FAILURES_DIR, RESULTS_DIR, CompactOutput, WriteResults, part_files
+    from .handler import ArkChatModelHandler
     from .transform import FAILED_TAG, BatchChatInference
 
 # The Beam/pyarrow half of the API, imported on first use (PEP 562). (``import *`` loads it.)
 _LAZY = {
+    "ArkChatModelHandler": ".handler",
     "BatchChatInference": ".transform",
     "FAILED_TAG": ".transform",
     "WriteResults": "._sink",
@@ -103,6 +107,7 @@ __all__ = [
     "add_flags",
     "ARK_BASE_URL",
     "ARK_BATCH_PATH",
+    "ArkChatModelHandler",
     "ArkClient",
     "ArkError",
     "AttemptsExhausted",
@@ -131,6 +136,7 @@ __all__ = [
     "InputError",
     "InputOptions",
     "InternalError",
+    "InvalidOutput",
     "InvalidRequest",
     "InvalidResponse",
     "job_error_in",
@@ -138,6 +144,7 @@ __all__ = [
     "JobProgress",
     "Keepalive",
     "MissingApiKey",
+    "MissingColumn",
     "NAMESPACE",
     "next_delay",
     "OPENAI_CHAT_PATH",

@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import json
 import math
 import re
+import string
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -635,12 +637,43 @@ class InputOptions:
             that is valid UTF-8 is read as UTF-8 either way (so a file mixing UTF-8 and GBK lines
             is read right). Decoding is strict: a line that does not decode is an
             ``invalid_encoding`` row. ``str`` and dict items are already text and ignore it.
+        template: the user message, built from each input object's fields (JSONL) or row's
+            columns (Parquet, dicts, Beam Rows) with ``str.format`` fields: ``"Summarise: {text}"``
+            (``{{``/``}}`` for literal braces). A plain-text line is the field ``text``. A field
+            that is absent or null makes a ``missing_column`` row naming it.
+        system_template: the system message, built the same way (default: ``system``).
+        template_file: a JSON file holding a messages list whose strings hold ``{field}``s
+            (text parts, image URLs, ...); read when the options are made (so on the launcher).
+        messages_template: that list as JSON text (what ``template_file`` is read into).
+        response_format: a JSON schema (a file path, or the JSON itself) the answer must match;
+            sent as ``response_format: {"type": "json_schema", ...}``. A file that already holds
+            a whole ``response_format`` (``{"type": "json_schema" | "json_object", ...}``) is sent
+            as it is. Valid answers fill ``parsed_json``; others become ``invalid_output`` rows.
+        response_format_json: the ``response_format`` object sent, as JSON text (set from
+            ``response_format``).
+        thinking: ``enabled``, ``disabled`` or ``auto``: Ark's deep thinking switch, sent as
+            ``thinking: {"type": ...}``; the reasoning lands in ``reasoning_content``.
+        extra_body: a JSON object merged into every request body (a field the input sets wins).
+        keep_columns: comma-separated input fields/columns copied to the output's
+            ``columns_json`` (a JSON object) so answers join back to their input; they are not
+            sent (unless they are request fields such as ``messages`` or ``model``).
+
+    Request options (``response_format``, ``thinking``, ``extra_body``) are added after the
+    ``custom_id`` is derived, so ids depend on the prompts only.
 
     Example:
         >>> InputOptions(input_format="text", system="Be brief.").system
         'Be brief.'
         >>> InputOptions(input_encoding="gbk").input_encoding
         'gbk'
+        >>> InputOptions(template="Summarise: {text}", keep_columns="id, lang").kept_columns
+        ('id', 'lang')
+        >>> InputOptions(response_format='{"type": "object"}').response_format_json[:30]
+        '{"type":"json_schema","json_sc'
+        >>> InputOptions(thinking="sometimes")
+        Traceback (most recent call last):
+        ...
+        arkbatch_beam._errors.OptionError: thinking must be one of enabled, disabled, auto, got 'sometimes'
     """
 
     input_format: str = option("auto", choices=INPUT_FORMATS, cli=False, help="how a line is read")
@@ -653,6 +686,24 @@ class InputOptions:
     input_encoding: str | None = option(
         None, help="codec of text/JSONL input: gbk, gb18030, shift_jis, latin-1, ... (none: UTF-8); a line that "
         "does not decode, or is binary, becomes an invalid_encoding row, never a prompt")
+    template: str | None = option(
+        None, help="the user message built from each input's fields/columns, e.g. 'Summarise: {text}' (a plain-text "
+        "line is {text}); an absent or null field makes a missing_column row")
+    system_template: str | None = option(None, help="the system message, built from the fields like --template")
+    template_file: str | None = option(
+        None, help="JSON file: a messages list whose strings hold {field}s (text parts, image URLs, ...)")
+    messages_template: str | None = option(None, cli=False, help="the messages template as JSON text")
+    response_format: str | None = option(
+        None, help="JSON schema file (or inline JSON) the answer must match; sent as response_format; valid answers "
+        "fill parsed_json, others become invalid_output rows")
+    response_format_json: str | None = option(None, cli=False, help="the response_format object sent, as JSON")
+    thinking: str | None = option(None, choices=("enabled", "disabled", "auto"),
+                                  help="Ark's deep thinking, sent as thinking: {type: ...} (none: the model's default)")
+    extra_body: str | None = option(None, help="JSON object merged into every request body (the input's own fields "
+                                    "win)")
+    keep_columns: str | None = option(
+        None, help="comma-separated input fields/columns copied to the output's columns_json (a JSON object), to "
+        "join answers back to their input")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -663,6 +714,89 @@ class InputOptions:
                 "input_encoding", "must name a text codec Python knows that reads ASCII as ASCII "
                 f"(e.g. gbk, gb18030, shift_jis, latin-1), got {self.input_encoding!r}"
             )
+        if self.template_file is not None and self.messages_template is None:
+            messages = _read_json("template_file", self.template_file)
+            text = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
+            object.__setattr__(self, "messages_template", text)
+        if self.messages_template is not None:
+            messages = json.loads(self.messages_template)
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise OptionError("template_file", "must hold a non-empty JSON list of message objects")
+            if self.template is not None:
+                raise OptionError("template", "and template_file are two ways to say one thing: give one")
+        for name in ("template", "system_template"):
+            _check_template(name, getattr(self, name))
+        if self.response_format is not None and self.response_format_json is None:
+            spec = _read_json("response_format", self.response_format)
+            text = json.dumps(_as_response_format(spec), separators=(",", ":"))
+            object.__setattr__(self, "response_format_json", text)
+        if self.extra_body is not None:
+            extra = _read_json("extra_body", self.extra_body, path_ok=False)
+            if not isinstance(extra, dict):
+                raise OptionError("extra_body", f"must be a JSON object, got {self.extra_body!r}")
+        if self.keep_columns is not None and not self.kept_columns:
+            raise OptionError("keep_columns", f"must name at least one column, got {self.keep_columns!r}")
+
+    @property
+    def has_template(self) -> bool:
+        """True when prompts are built from fields (``template`` or ``template_file``)."""
+        return self.template is not None or self.messages_template is not None
+
+    @property
+    def kept_columns(self) -> tuple[str, ...]:
+        """``keep_columns`` as a tuple of names."""
+        if not self.keep_columns:
+            return ()
+        return tuple(c.strip() for c in self.keep_columns.split(",") if c.strip())
+
+
+def _read_json(name: str, value: str, *, path_ok: bool = True) -> Any:
+    """``value`` as JSON: inline text (starting with ``{`` or ``[``) or, when ``path_ok``, a file's."""
+    text = value
+    if path_ok and not value.lstrip().startswith(("{", "[")):
+        try:
+            from apache_beam.io.filesystems import FileSystems  # local or gs:// alike
+
+            with FileSystems.open(value) as f:
+                text = f.read().decode("utf-8")
+        except Exception as exc:  # noqa: BLE001 - any filesystem's error, named with the option
+            raise OptionError(name, f"cannot read {value!r}: {exc}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise OptionError(name, f"is not valid JSON ({exc})") from None
+
+
+def _check_template(name: str, template: str | None) -> None:
+    if template is None:
+        return
+    try:
+        list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise OptionError(name, f"is not a valid template ({exc}; write {{{{ and }}}} for literal braces)") from None
+
+
+def _as_response_format(spec: Any) -> dict[str, Any]:
+    """A JSON schema (or a whole ``response_format``) -> the ``response_format`` object sent."""
+    if not isinstance(spec, dict):
+        raise OptionError("response_format", "must be a JSON object (a JSON schema)")
+    if spec.get("type") == "json_object":
+        return spec
+    if spec.get("type") == "json_schema" and isinstance(spec.get("json_schema"), dict):
+        inner = spec["json_schema"]
+    elif isinstance(spec.get("schema"), dict) and "name" in spec:
+        inner = spec  # the json_schema part: {"name", "schema", "strict"?}
+    else:
+        inner = {"name": "response", "schema": spec, "strict": True}
+    try:
+        import jsonschema
+
+        jsonschema.validators.validator_for(inner["schema"]).check_schema(inner["schema"])
+    except ImportError:  # pragma: no cover - jsonschema is a dependency
+        pass
+    except Exception as exc:  # noqa: BLE001 - jsonschema.SchemaError and friends
+        raise OptionError("response_format", f"is not a valid JSON schema: {str(exc).splitlines()[0]}") from None
+    return {"type": "json_schema", "json_schema": inner}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,7 +71,7 @@ class ParseDoFn(beam.DoFn):
     Both go to the one output, so one PCollection carries them on to :class:`InferDoFn`, which
     passes rows through: no ``Flatten`` is needed downstream, and runners that materialise a
     ``Flatten`` (Beam's in-process FnApiRunner does) keep inference and writing fused.
-    Lines that need no request (bad, blank) are counted on ``progress``.
+    Blank lines and bad lines' failure rows are counted on ``progress``.
     """
 
     def __init__(self, options: InputOptions, progress: JobProgress | None = None) -> None:
@@ -94,7 +94,7 @@ class ParseDoFn(beam.DoFn):
         else:
             self._bad.inc()
             if self._progress is not None:
-                self._progress.add_skipped(1)
+                self._progress.add_failed(1)
             yield parsed.to_row()
 
 
@@ -292,6 +292,8 @@ class InferDoFn(beam.DoFn):
         else:
             self._failed.inc()
             self._check_fatal()
+        if request.columns_json is not None and result.columns_json is None:  # keep_columns
+            result.columns_json = request.columns_json
         if result.request_sha256 is None:  # the request this row answers (see request_hash)
             result.request_sha256 = request_hash(request.body)
         if result.attempts > 1:

@@ -17,7 +17,8 @@
      │    └── AttemptsExhausted          max_attempts attempts failed
      ├── InputError                      the input line is not a request (never sent)
      │    ├── InvalidJson, InvalidEncoding, InvalidInput, InvalidId, NoMessages,
-     │    └── EmptyPrompt, RequestTooLarge, StreamNotAllowed, ModelMismatch
+     │    └── EmptyPrompt, RequestTooLarge, StreamNotAllowed, ModelMismatch, MissingColumn
+     ├── InvalidOutput                   an answer that does not match --response_format's schema
      ├── InvalidRequest                  the options cannot make it a request (no model)
      ├── DuplicateCustomId               another request has the same custom_id
      ├── InternalError                   a fault in this library while handling a request
@@ -254,6 +255,24 @@ class ModelMismatch(InputError):
 
     error_type = "model_mismatch"
     meaning = "the body's `model` differs from `--model` under `--strict_model`"
+
+
+class MissingColumn(InputError):
+    """A prompt template names a field or column the input row does not have (or holds null)."""
+
+    error_type = "missing_column"
+    meaning = ("a prompt template (`--template`, `--system_template`, `--template_file`) names a field or "
+               "column that the input row lacks or holds null; `error_message` names it; never sent")
+
+
+class InvalidOutput(ArkError):
+    """The answer is not JSON matching the ``response_format`` schema (the raw answer is kept)."""
+
+    error_type = "invalid_output"
+    retryable = True
+    decided_by = "server"
+    meaning = ("the answer is not JSON that matches `--response_format`'s schema; `content` and "
+               "`response_json` keep the raw answer (retryable: `--resume` asks again)")
 
 
 class InvalidRequest(ArkError):

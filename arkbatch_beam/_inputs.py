@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -64,6 +66,7 @@ from ._errors import (
     InvalidId,
     InvalidInput,
     InvalidJson,
+    MissingColumn,
     ModelMismatch,
     NoMessages,
     RequestTooLarge,
@@ -177,7 +180,8 @@ def _normalise(obj: Any, opts: InputOptions) -> tuple[str | None, dict[str, Any]
         if method is not None and str(method).upper() != "POST":
             raise InvalidInput(f"'method' must be POST, got {method!r}")
     else:
-        body = {k: v for k, v in obj.items() if k not in _NOT_BODY_KEYS}
+        drop = set(_NOT_BODY_KEYS) | (set(opts.kept_columns) - _REQUEST_FIELDS)
+        body = {k: v for k, v in obj.items() if k not in drop}
     try:
         raw_id = _id_value(obj, fmt)
         cid = None if raw_id is None else _check_id(raw_id)
@@ -193,6 +197,105 @@ def _normalise(obj: Any, opts: InputOptions) -> tuple[str | None, dict[str, Any]
         bad.body = body  # the row can name the request it refuses (request_sha256)
         raise
     return cid, body
+
+
+# --- prompt templates, request options and kept columns -----------------------------------------
+
+_FORMATTER = string.Formatter()
+
+
+class _Fields(Mapping[str, Any]):
+    """An input object's fields for ``str.format_map``: an absent or null one raises MissingColumn."""
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self._fields = fields
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._fields.get(key)
+        if value is None:
+            have = ", ".join(sorted(k for k in self._fields if isinstance(k, str))) or "none"
+            why = "is null" if key in self._fields else "is not a field/column of the input"
+            raise MissingColumn(f"template field {key!r} {why} (it has: {have})")
+        return value
+
+    def __iter__(self) -> Any:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+
+def render(template: str, fields: Mapping[str, Any]) -> str:
+    """``template`` with its ``{field}``s filled from ``fields``; raises MissingColumn.
+
+    Example:
+        >>> render("Summarise: {text} ({lang})", {"text": "hi", "lang": "en"})
+        'Summarise: hi (en)'
+        >>> render("{text}", {"txt": "hi"})
+        Traceback (most recent call last):
+        ...
+        arkbatch_beam._errors.MissingColumn: template field 'text' is not a field/column of the input (it has: txt)
+    """
+    try:
+        return template.format_map(_Fields(fields))
+    except (IndexError, KeyError, AttributeError, ValueError) as exc:  # {a[9]}, {a.b}, {a:bad}
+        raise MissingColumn(f"template {template!r} cannot be filled from the input: {exc!r}") from None
+
+
+def _render_deep(value: Any, fields: Mapping[str, Any]) -> Any:
+    if isinstance(value, str):
+        return render(value, fields)
+    if isinstance(value, list):
+        return [_render_deep(v, fields) for v in value]
+    if isinstance(value, dict):
+        return {k: _render_deep(v, fields) for k, v in value.items()}
+    return value
+
+
+def _templated(fields: Mapping[str, Any], opts: InputOptions) -> dict[str, Any]:
+    """The body built from the templates over ``fields``; raises MissingColumn."""
+    if opts.messages_template is not None:
+        messages = _render_deep(orjson.loads(opts.messages_template), fields)
+    else:
+        messages = []
+        if opts.system_template is not None:
+            messages.append({"role": "system", "content": render(opts.system_template, fields)})
+        elif opts.system:
+            messages.append({"role": "system", "content": opts.system})
+        messages.append({"role": "user", "content": render(opts.template or "", fields)})
+    try:
+        _check_messages(messages)
+    except InputError as bad:
+        bad.body = {"messages": messages}
+        raise
+    return {"messages": messages}
+
+
+def _with_request_options(body: dict[str, Any], opts: InputOptions) -> dict[str, Any]:
+    """``body`` with ``extra_body``, ``thinking`` and ``response_format`` added (the body's own fields win)."""
+    if opts.extra_body is None and opts.thinking is None and opts.response_format_json is None:
+        return body
+    out = dict(body)  # never change the input's own dict
+    if opts.extra_body is not None:
+        for key, value in orjson.loads(opts.extra_body).items():
+            out.setdefault(key, value)
+    if opts.thinking is not None:
+        out.setdefault("thinking", {"type": opts.thinking})
+    if opts.response_format_json is not None:
+        out.setdefault("response_format", orjson.loads(opts.response_format_json))
+    return out
+
+
+# Fields of a chat-form object that are the request's own: kept in the body even when kept as columns.
+_REQUEST_FIELDS = frozenset({"messages", "model", "id", "custom_id"})
+
+
+def _kept(obj: Any, opts: InputOptions) -> str | None:
+    """The ``columns_json`` of an input object: its ``keep_columns`` fields (absent ones as null)."""
+    names = opts.kept_columns
+    if not names or not isinstance(obj, dict):
+        return None
+    return orjson.dumps({n: obj.get(n) for n in names}, default=str).decode()
 
 
 # --- salvaging the id of a line that is not valid JSON -------------------------------------------
@@ -477,7 +580,7 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
                     f"line holds a lone surrogate ({where}): not valid Unicode text, so it was not sent",
                 ) from None
         if obj is not None:
-            cid, body = _normalise(obj, opts)
+            cid, body = _from_object(obj, opts)
         else:
             if text is None:
                 text = _decode(data, opts.input_encoding)
@@ -495,13 +598,21 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
                         "input_format='text' sends every line as a prompt",
                     )
             if fmt == "text" or (fmt == "auto" and not line.startswith("{")):
-                cid, body = None, _text_body(line, opts)
+                if opts.has_template:
+                    if not line:
+                        raise EmptyPrompt("empty line")
+                    cid, body = None, _templated({"text": line}, opts)
+                else:
+                    cid, body = None, _text_body(line, opts)
             else:
                 try:
                     obj = orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
                     raise InvalidJson(f"invalid JSON: {exc}") from None
-                cid, body = _normalise(obj, opts)
+                cid, body = _from_object(obj, opts)
+        if cid is None:
+            cid = derive_id(body)  # from the prompt, before the request options: ids do not move with them
+        body = _with_request_options(body, opts)
         size = len(orjson.dumps(body))
         if size > opts.max_request_bytes:
             raise RequestTooLarge(
@@ -509,8 +620,21 @@ def parse_input(item: str | bytes | dict[str, Any], opts: InputOptions) -> ChatR
                 body,
             )
     except InputError as bad:
-        return _failure_row(bad, data, text, obj, opts)
-    return ChatRequest(cid if cid is not None else derive_id(body), body, text)
+        row = _failure_row(bad, data, text, obj, opts)
+        row.columns_json = _kept(obj, opts)
+        return row
+    return ChatRequest(cid, body, text, _kept(obj, opts))
+
+
+def _from_object(obj: Any, opts: InputOptions) -> tuple[str | None, dict[str, Any]]:
+    """(custom_id or None, body) of a JSON object or dict: a request, or (templates) a row of fields."""
+    if not opts.has_template:
+        return _normalise(obj, opts)
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"a line must be a JSON object, got {type(obj).__name__}")
+    raw_id = obj.get("custom_id", obj.get("id"))
+    cid = None if raw_id is None else _check_id(raw_id)
+    return cid, _templated(obj, opts)
 
 
 def _failure_row(bad: InputError, data: bytes, text: str | None, obj: Any, opts: InputOptions) -> ChatResult:
@@ -551,7 +675,13 @@ def _drop_none(value: Any) -> Any:
 
 
 def row_to_item(
-    row: dict[str, Any], prompt_column: str, id_column: str | None = None, system: str | None = None
+    row: dict[str, Any],
+    prompt_column: str,
+    id_column: str | None = None,
+    system: str | None = None,
+    *,
+    templated: bool = False,
+    keep: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """A table row (e.g. from Parquet) -> a chat-form input dict for :func:`parse_input`.
 
@@ -561,14 +691,25 @@ def row_to_item(
     dropped at every depth (a ``list<struct>`` column gives every message every field of the
     struct, e.g. ``"name": None``), so the body and its derived id are what the user wrote.
 
+    ``templated``: the prompt comes from templates over the columns (``InputOptions.template``),
+    so the whole row is the item (its ``custom_id`` from ``id_column``). ``keep``: columns copied
+    into the item for ``InputOptions.keep_columns``.
+
     Example:
         >>> row_to_item({"q": "hi", "k": 7}, "q", "k", system="Be brief.")["messages"][-1]
         {'role': 'user', 'content': 'hi'}
         >>> row_to_item({"q": [{"role": "user", "content": "hi", "name": None}]}, "q")["messages"]
         [{'role': 'user', 'content': 'hi'}]
+        >>> row_to_item({"text": "hi", "k": 7}, "q", "k", templated=True)
+        {'text': 'hi', 'k': 7, 'custom_id': 7}
     """
+    if templated:
+        item = dict(row)
+        if id_column is not None and row.get(id_column) is not None:
+            item["custom_id"] = row[id_column]
+        return item
     prompt = row.get(prompt_column)
-    item: dict[str, Any] = {}
+    item = {c: row.get(c) for c in keep if c not in _REQUEST_FIELDS}
     if id_column is not None and row.get(id_column) is not None:
         item["custom_id"] = row[id_column]  # checked by parse_input like a JSON id (ints -> decimal strings)
     if isinstance(prompt, str):

@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 
-from ._errors import ArkError, InvalidResponse
-from ._types import STATUS_FAILED, ChatResult
+from ._errors import ArkError, InvalidOutput, InvalidResponse
+from ._types import STATUS_FAILED, STATUS_OK, ChatResult
 
 REDACTED = "[redacted]"
 _INT64 = range(-(2**63), 2**63)
@@ -208,4 +208,67 @@ def failed(
     result.attempts = attempts
     result.latency_ms = max(0.0, latency_s) * 1000.0
     result.request_id = request_id
+    return result
+
+
+# --- structured output ---------------------------------------------------------------------------
+
+_FENCE = re.compile(r"^\s*```(?:json|JSON)?\s*\n(.*?)\n?\s*```\s*$", re.S)
+_VALIDATORS: dict[str, Any] = {}
+
+
+def _validator(response_format_json: str) -> Any:
+    """The jsonschema validator of a ``response_format`` (None for ``json_object``), cached per process."""
+    if response_format_json not in _VALIDATORS:
+        spec = orjson.loads(response_format_json)
+        schema = (spec.get("json_schema") or {}).get("schema") if spec.get("type") == "json_schema" else None
+        validator = None
+        if isinstance(schema, dict):
+            import jsonschema
+
+            validator = jsonschema.validators.validator_for(schema)(schema)
+        _VALIDATORS[response_format_json] = validator
+    return _VALIDATORS[response_format_json]
+
+
+def check_output(result: ChatResult, response_format_json: str | None) -> ChatResult:
+    """Check an answered row against the ``response_format`` it was asked for (in place).
+
+    A valid answer (JSON, in a Markdown code fence or not, matching the schema) fills
+    ``parsed_json`` with its compact JSON text; anything else turns the row into an
+    ``invalid_output`` failure that keeps the raw answer in ``content``/``response_json``.
+    Failed rows, and rows without a ``response_format``, pass untouched.
+
+    Example:
+        >>> fmt = '{"type":"json_schema","json_schema":{"name":"r","schema":{"type":"object","required":["n"]}}}'
+        >>> check_output(ChatResult("a", "ok", content='{"n": 1}'), fmt).parsed_json
+        '{"n":1}'
+        >>> bad = check_output(ChatResult("b", "ok", content='{"m": 1}'), fmt)
+        >>> bad.status, bad.error_type, bad.retryable, bad.content
+        ('failed', 'invalid_output', True, '{"m": 1}')
+    """
+    if response_format_json is None or result.status != STATUS_OK:
+        return result
+    text = result.content or ""
+    fenced = _FENCE.match(text)
+    problem: str | None = None
+    try:
+        value = orjson.loads(fenced.group(1) if fenced else text)
+    except orjson.JSONDecodeError as exc:
+        problem = f"the answer is not JSON ({exc})" if text.strip() else "the answer is empty"
+    else:
+        validator = _validator(response_format_json)
+        if validator is not None:
+            error = next(iter(validator.iter_errors(value)), None)
+            if error is not None:
+                where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+                problem = f"the answer does not match the schema at {where}: {error.message}"
+    if problem is not None:
+        result.status = STATUS_FAILED
+        result.error_type = InvalidOutput.error_type
+        result.retryable = InvalidOutput.retryable
+        result.error_message = problem[:2000]
+        result.parsed_json = None
+    else:
+        result.parsed_json = orjson.dumps(value).decode()
     return result

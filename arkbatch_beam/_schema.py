@@ -37,6 +37,9 @@ OUTPUT_SCHEMA: pa.Schema = pa.schema(
         pa.field("request_sha256", pa.string()),  # sha256 hex of the canonical request body
         pa.field("request_json", pa.string()),
         pa.field("response_json", pa.string()),
+        # Added later; kept last so files written before them still read (as nulls).
+        pa.field("parsed_json", pa.string()),  # the answer as JSON text, valid for --response_format
+        pa.field("columns_json", pa.string()),  # --keep_columns: the input's fields, as a JSON object
     ]
 )
 

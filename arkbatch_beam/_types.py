@@ -41,11 +41,14 @@ class ChatRequest:
         custom_id: the caller's id (or one derived from the content); unique per job.
         body: the ``/chat/completions`` JSON body (``model`` may be left to the endpoint).
         raw: the original input line, kept so a failure row can be fixed and re-run.
+        columns_json: the input fields kept for the output row (``keep_columns``), as a JSON
+            object text, or ``None``.
     """
 
     custom_id: str
     body: dict[str, Any]
     raw: str | None = None
+    columns_json: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -75,6 +78,9 @@ class ChatResult:
     request_sha256: str | None = None
     request_json: str | None = None
     response_json: str | None = None
+    # Added later, at the end, so outputs written before them still read (as nulls).
+    parsed_json: str | None = None
+    columns_json: str | None = None
 
     @property
     def ok(self) -> bool:

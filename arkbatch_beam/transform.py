@@ -29,13 +29,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 
 from ._config import ClientConfig, Endpoint
 from ._dofn import InferDoFn, ParseDoFn
 from ._inputs import InputOptions
 from ._progress import JobProgress
+from ._result import check_output
 from ._resume import DedupeAndSkip, ReadDoneIds
-from ._types import STATUS_OK
+from ._types import NAMESPACE, STATUS_OK, ChatResult
 
 # The tag of the failure rows' output under with_exception_handling().
 FAILED_TAG = "failed"
@@ -44,6 +46,25 @@ FAILED_TAG = "failed"
 class _SplitByStatus(beam.DoFn):
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
         yield row if row["status"] == STATUS_OK else beam.pvalue.TaggedOutput(FAILED_TAG, row)
+
+
+class _CheckOutput(beam.DoFn):
+    """Answered rows checked against ``response_format``: ``parsed_json``, or ``invalid_output``."""
+
+    def __init__(self, response_format_json: str) -> None:
+        self._fmt = response_format_json
+
+    def setup(self) -> None:
+        self._invalid = Metrics.counter(NAMESPACE, "invalid_output")
+
+    def process(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if row["status"] != STATUS_OK:
+            yield row
+            return
+        result = check_output(ChatResult(**row), self._fmt)
+        if not result.ok:
+            self._invalid.inc()
+        yield result.to_row()
 
 
 class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
@@ -76,7 +97,9 @@ class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
             a thread of its own in each worker process, never on the event loop.
         **overrides: any :class:`ClientConfig` field (``max_concurrency=200``,
             ``timeout=3600``, ``backoff=Backoff(...)``, ...), applied over ``endpoint``'s
-            config (or the defaults).
+            config (or the defaults), and any :class:`InputOptions` field (``template="Summarise:
+            {text}"``, ``response_format=...``, ``thinking="enabled"``, ``keep_columns="id"``, ...),
+            applied over ``input_options``.
     """
 
     def __init__(
@@ -95,19 +118,29 @@ class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
     ) -> None:
         super().__init__()
         fields = {f.name for f in dataclasses.fields(ClientConfig)} - {"endpoint"}
-        unknown = sorted(set(overrides) - fields)
+        input_fields = {f.name for f in dataclasses.fields(InputOptions)}
+        unknown = sorted(set(overrides) - fields - input_fields)
         if unknown:
             raise TypeError(
-                f"BatchChatInference got unknown options {unknown}; the ClientConfig fields are {sorted(fields)}"
+                f"BatchChatInference got unknown options {unknown}; the ClientConfig fields are {sorted(fields)} "
+                f"and the InputOptions fields are {sorted(input_fields)}"
             )
+        input_overrides = {k: overrides.pop(k) for k in list(overrides) if k in input_fields}
+        for given, derived in (("response_format", "response_format_json"), ("template_file", "messages_template")):
+            if given in input_overrides:  # read again from the new value
+                input_overrides.setdefault(derived, None)
         if isinstance(endpoint, ClientConfig):
             config = dataclasses.replace(endpoint, **overrides) if overrides else endpoint
         else:
             config = ClientConfig(Endpoint(endpoint) if isinstance(endpoint, str) else endpoint, **overrides)
         self.config = config
-        self.input_options = input_options or InputOptions(
-            model=config.endpoint.model, batch_path=config.endpoint.is_batch
-        )
+        if input_options is None:
+            input_overrides = {"model": config.endpoint.model, "batch_path": config.endpoint.is_batch,
+                               **input_overrides}
+            input_options = InputOptions(**input_overrides)
+        elif input_overrides:
+            input_options = dataclasses.replace(input_options, **input_overrides)
+        self.input_options = input_options
         if resume_from is not None and not dedupe:
             raise ValueError("resume_from needs dedupe=True")
         self._dedupe = dedupe
@@ -162,6 +195,8 @@ class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
                 rate_limiter=self._rate_limiter,
             )
         )
+        if self.input_options.response_format_json is not None:
+            rows = rows | "CheckOutput" >> beam.ParDo(_CheckOutput(self.input_options.response_format_json))
         if self._exception_handling:
             split = rows | "SplitByStatus" >> beam.ParDo(_SplitByStatus()).with_outputs(FAILED_TAG, main="ok")
             return split.ok, split[FAILED_TAG]

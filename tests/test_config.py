@@ -139,12 +139,14 @@ def test_the_public_api_is_pinned():
 
     # A change here is a change of the public API: say so in the README and the changelog.
     assert sorted(arkbatch_beam.__all__) == sorted([
-        "ARK_BASE_URL", "ARK_BATCH_PATH", "ArkClient", "ArkError", "AttemptTimeout", "AttemptsExhausted",
+        "ARK_BASE_URL", "ARK_BATCH_PATH", "ArkChatModelHandler", "ArkClient", "ArkError", "AttemptTimeout",
+        "AttemptsExhausted",
         "Backoff", "BatchChatInference", "Cancelled", "ChatRequest", "ChatResult", "ClientConfig",
         "CompactOutput", "DeadlineExceeded", "Decision", "DuplicateCustomId", "ERROR_TYPES", "Endpoint",
         "EndpointError", "EndpointUnusable", "FAILED_TAG", "FAILURES_DIR", "InputError", "InputOptions",
-        "InternalError", "InvalidRequest", "InvalidResponse", "JobError", "JobProgress", "Keepalive",
-        "MissingApiKey", "NAMESPACE", "OPENAI_CHAT_PATH", "OUTPUT_SCHEMA", "OptionError", "PushbackGate",
+        "InternalError", "InvalidOutput", "InvalidRequest", "InvalidResponse", "JobError", "JobProgress", "Keepalive",
+        "MissingApiKey", "MissingColumn", "NAMESPACE", "OPENAI_CHAT_PATH", "OUTPUT_SCHEMA", "OptionError",
+        "PushbackGate",
         "RESULTS_DIR", "RateLimited", "RequestRejected", "RetryLimit", "RetryableError", "RetryableStatus",
         "RuntimeDied", "SinkConfig", "TransportError", "WriteResults", "add_flags", "backoff_delay",
         "derive_id", "final_on_resume", "flags", "from_flags", "job_error_in", "next_delay", "option",

@@ -331,7 +331,7 @@ def test_every_input_error_type_is_listed():
     from arkbatch_beam._inputs import INPUT_ERROR_TYPES
 
     assert {"invalid_encoding", "invalid_id", "invalid_input", "invalid_json", "no_messages", "empty_prompt",
-            "request_too_large", "stream_not_allowed", "model_mismatch"} == INPUT_ERROR_TYPES
+            "request_too_large", "stream_not_allowed", "model_mismatch", "missing_column"} == INPUT_ERROR_TYPES
 
 
 # --- rows that name their body; requests rebuilt from raw (the dedupe shuffle re-parses raw) -------
