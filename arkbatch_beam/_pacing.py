@@ -75,6 +75,7 @@ BROAD_MIN = 8  # ... at least this many of them, and
 BROAD_SHARE = 0.75  # ... at least this share refused: a broad refusal
 LATENCY_SAMPLES = 32  # answers before latency can signal congestion
 LATENCY_RISE = 3.0  # the recent latency this many times its baseline is pushback
+MAX_SLOT_HOLD = 2.0  # the longest a refused attempt keeps its slot (seconds)
 
 
 class PushbackGate:
@@ -157,6 +158,7 @@ class PushbackGate:
         self._tpm_at: float | None = None
         self._budget_timer: Any = None
         self._budget_at = 0.0
+        self._holds: set[Any] = set()  # timers that free the slots of refused attempts
         self._permits = permits
         # Figures for metrics and tests.
         self.paused_seconds = 0.0
@@ -183,9 +185,11 @@ class PushbackGate:
 
     # -- admission -----------------------------------------------------------------------
     def _blocked_by(self) -> str | None:
-        """Why nothing can be admitted now: ``cap``, ``window``, ``pause``, ``budget``,
-        ``permit``, or ``None`` (admit)."""
+        """Why nothing can be admitted now: ``cap``, ``window``, ``held`` (refused attempts keep
+        their slots), ``pause``, ``budget``, ``permit``, or ``None`` (admit)."""
         if self.in_flight >= self.limit:
+            if self._holds:
+                return "held"  # slots kept by refused attempts: the server is pushing back
             return "cap" if self.limit >= self.max_concurrency else "window"
         if self.paused:
             return "pause"
@@ -234,7 +238,7 @@ class PushbackGate:
     def _note_throttled(self, why: str | None) -> None:
         """Sum the time callers wait for a reason other than the cap itself."""
         now = self.now()
-        throttled = why in ("window", "pause", "budget", "permit")
+        throttled = why in ("window", "held", "pause", "budget", "permit")
         if self._throttled_since is not None and not throttled:
             self.throttled_seconds += now - self._throttled_since
             self._throttled_since = None
@@ -320,7 +324,10 @@ class PushbackGate:
             cost: the estimate charged at admission; ``tokens``: what the answer's ``usage``
                 says it used (the token budget is corrected by the difference).
         """
-        self.in_flight -= 1
+        if outcome in (REFUSED, OVERLOADED):
+            self._hold_slot(retry_after)
+        else:
+            self.in_flight -= 1
         if tokens is not None and self.max_tokens_per_minute is not None:
             self._tpm += cost - tokens
         if outcome == OK:
@@ -341,6 +348,29 @@ class PushbackGate:
             if retry_after is not None and retry_after > 0 and (outcome == OVERLOADED or self._broad()):
                 self._pause(ticket, retry_after)
         self._wake()
+
+    def _hold_slot(self, retry_after: float | None) -> None:
+        """A refused attempt keeps its slot for the wait the server named (or one round trip).
+
+        A refusal comes back at once; if its slot were free at once, a queued request would
+        take it at once and be refused too: the window would bound what is in flight but not
+        how fast refusals come. Held, a slot sends at most once per wait or round trip.
+        """
+        hold = retry_after if retry_after is not None and retry_after > 0 else self._lat_fast
+        hold = min(hold, MAX_SLOT_HOLD)
+        if hold <= 0:
+            self.in_flight -= 1
+            return
+        call_at = self._call_at or self._get_loop().call_at
+        handle: Any = None
+
+        def free() -> None:
+            self._holds.discard(handle)
+            self.in_flight -= 1
+            self._wake()
+
+        handle = call_at(self.now() + hold, free)
+        self._holds.add(handle)
 
     def _broad(self) -> bool:
         """Whether the refusals say "everyone wait", not "you, slow down": most recent answers
@@ -405,6 +435,9 @@ class PushbackGate:
 
     def close(self) -> None:
         """Cancel the timers (nobody waits inside the gate)."""
+        for handle in self._holds:
+            handle.cancel()
+        self._holds.clear()
         for name in ("_timer", "_budget_timer"):
             handle = getattr(self, name)
             if handle is not None:

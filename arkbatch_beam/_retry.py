@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from ._config import MAX_TIMEOUT, Backoff
 from ._errors import ArkError, AttemptsExhausted, DeadlineExceeded, InvalidResponse
 
+# The shortest wait a server's Retry-After is taken for (a 1 ms Retry-After is not a loop).
+MIN_ANNOUNCED_WAIT = 0.05
 # A Retry-After longer than this is treated as "this long" (72 h: the longest deadline).
 MAX_RETRY_AFTER = MAX_TIMEOUT
 
@@ -159,9 +161,10 @@ def next_delay(
         min_attempt_seconds: the next attempt must start with at least this much time left.
 
     Returns:
-        A :class:`Decision`. The wait is the backoff schedule's next delay, or the server's
-        ``Retry-After`` when that is longer: an announced wait never shortens the schedule
-        (``Retry-After: 0`` or a date in the past is not "retry now"). Gives up with
+        A :class:`Decision`. The wait is the server's ``Retry-After`` when it names one (at
+        least :data:`MIN_ANNOUNCED_WAIT`), else the backoff schedule's next delay
+        (``Retry-After: 0`` or a date in the past is not "retry now": it is no wait named, and
+        counts toward ``max_attempts``). Gives up with
         ``deadline_exceeded`` when the next attempt would start after
         ``deadline - min_attempt_seconds``: nothing ever sleeps past a deadline.
 
@@ -179,9 +182,13 @@ def next_delay(
     counted = attempt if counted_attempts is None else counted_attempts
     if max_attempts and not server_said and counted >= max_attempts:
         return Decision(0.0, True, EXHAUSTED)
-    delay = backoff_delay(attempt, backoff, rand)
-    if error.retry_after is not None:
-        delay = max(delay, error.retry_after)
+    if server_said:
+        # The server named the wait (a quota's refill time, a pause): that is the wait, however
+        # many times it was refused before; only a floor keeps a tiny announced wait from
+        # turning into a storm.
+        delay = max(error.retry_after or 0.0, MIN_ANNOUNCED_WAIT)
+    else:
+        delay = backoff_delay(attempt, backoff, rand)
     if now + delay > deadline - min_attempt_seconds or now + delay >= deadline:
         return Decision(delay, True, DEADLINE, server_said)
     return Decision(delay, False, "", server_said)

@@ -141,7 +141,6 @@ def test_backoff_schedule_is_exact_and_a_retry_holds_no_worker() -> None:
 
 @pytest.mark.parametrize("header", [
     {"Retry-After": "0"},
-    {"Retry-After": "0.01"},
     {"retry-after-ms": "0"},
     {"Retry-After": "Thu, 01 Jan 1970 00:00:00 GMT"},  # a date in the past (clock skew)
 ])
@@ -159,6 +158,23 @@ def test_an_announced_zero_wait_never_retries_sooner_than_the_backoff(header: di
         assert script.count("z") == 2  # the next delay is 1 s, not 0
         await h.clock.advance(10.0)
         assert h.results["id-z"].ok and script.count("z") == 5
+
+    run(cfg(), script, body)
+
+
+def test_a_tiny_announced_wait_is_honoured_but_floored_not_a_storm() -> None:
+    # A server's Retry-After is the wait (a quota's refill time), however often it refuses; a
+    # wait of 10 ms is taken as MIN_ANNOUNCED_WAIT (50 ms), never as "at once".
+    script = Script(lambda k, n: (429, {"Retry-After": "0.01"}, err_body("slow down")) if n <= 4 else ok(k, n))
+
+    async def body(h: Harness) -> None:
+        h.submit(req("z"))
+        await h.clock.advance(0.049)
+        assert script.count("z") == 1
+        await h.clock.advance(0.001)
+        assert script.count("z") == 2
+        await h.clock.advance(0.15)
+        assert h.results["id-z"].ok and script.count("z") == 5  # 4 waits of 50 ms, not a backoff's 7.5 s
 
     run(cfg(), script, body)
 

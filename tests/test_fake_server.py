@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import email.utils
@@ -397,6 +398,251 @@ def test_command_line_server() -> None:
                 and orjson.loads(resp.read())["choices"][0]["message"]["content"]
                 == "echo: cli"
             )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+# ---------------------------------------------------------------- quota mode
+
+
+class ManualClock:
+    """A clock that moves only when the test moves it (read from the server thread)."""
+
+    def __init__(self) -> None:
+        """Start at 0."""
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        """The current reading."""
+        return self.now
+
+
+@pytest.fixture
+def clocked() -> Iterator[tuple[FakeArkServer, ManualClock]]:
+    """A running fake server on a manual clock (pause, quota and timeline use it)."""
+    clock = ManualClock()
+    with FakeArkServer(clock=clock) as server:
+        yield server, clock
+
+
+def burst(srv: FakeArkServer, n: int, key: str = "q", client: str = "c") -> list[Reply]:
+    """``n`` requests one after the other, with request ids ``<client>-<i>``."""
+    return [
+        post(srv, chat(key), headers={**AUTH, "X-Client-Request-Id": f"{client}-{i}"})
+        for i in range(n)
+    ]
+
+
+def until_refused(srv: FakeArkServer, key: str = "q") -> tuple[int, Reply]:
+    """Send until the quota refuses; return the number admitted and the refusal."""
+    admitted = 0
+    while (reply := post(srv, chat(key))).status == 200:
+        admitted += 1
+        assert admitted < 1000
+    return admitted, reply
+
+
+def test_quota_admits_at_the_configured_rate(
+    clocked: tuple[FakeArkServer, ManualClock],
+) -> None:
+    srv, clock = clocked
+    assert srv.quota is None
+    srv.set_quota(requests_per_second=10)  # holds 1 s: 10 requests
+    replies = burst(srv, 15, client="alpha")
+    assert [r.status for r in replies] == [200] * 10 + [429] * 5
+    refusal = replies[-1]
+    assert refusal.json()["error"]["code"] == "RateLimitExceeded.EndpointRPMExceeded"
+    assert refusal.json()["error"]["type"] == "TooManyRequests"
+    assert refusal.headers["retry-after"] == "0.1" and refusal.headers["retry-after-ms"] == "100"
+    assert srv.ok_responses == 10 and srv.total_requests == 15
+    assert srv.quota_refusals == {"RateLimitExceeded.EndpointRPMExceeded": 5}
+    assert srv.accepted_by_client == {"alpha": 10} and srv.refused_by_client == {"alpha": 5}
+
+    clock.now = 0.35  # 3.5 requests earned: 3 in, the 4th told to wait the 0.05 s left (0.1 s step)
+    admitted, refusal = until_refused(srv)
+    assert admitted == 3 and refusal.headers["retry-after"] == "0.1"
+
+    # Ten more seconds in steps of 0.05 s, sending until refused each time: exactly the rate.
+    admitted = 0
+    for step in range(1, 201):
+        clock.now = 0.35 + step * 0.05
+        got, refusal = until_refused(srv)
+        admitted += got
+        assert float(refusal.headers["retry-after"]) <= 0.1
+    assert admitted == 100
+    timeline = srv.timeline()
+    assert [row[0] for row in timeline] == [float(s) for s in range(11)]
+    assert [row[1] for row in timeline[1:10]] == [10] * 9  # accepted per whole second
+    assert sum(row[1] for row in timeline) == srv.ok_responses == 113
+    assert sum(row[2] for row in timeline) == sum(srv.quota_refusals.values())
+    assert srv.snapshot()["quota_refusals"] == srv.quota_refusals
+    assert srv.quota == {
+        "requests_per_second": 10,
+        "tokens_per_minute": None,
+        "burst_seconds": 1.0,
+        "retry_after_step": 0.1,
+    }
+
+
+def test_quota_is_shared_by_concurrent_clients(
+    clocked: tuple[FakeArkServer, ManualClock],
+) -> None:
+    srv, _ = clocked
+    srv.set_quota(requests_per_second=12, burst_seconds=1.0)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [
+            pool.submit(
+                post, srv, chat(f"k{i}"), headers={**AUTH, "X-Client-Request-Id": f"p{i % 3}-{i}"}
+            )
+            for i in range(60)
+        ]
+        statuses = collections.Counter(f.result(timeout=20).status for f in futures)
+    assert statuses == {200: 12, 429: 48}
+    assert sum(srv.accepted_by_client.values()) == 12
+    assert sum(srv.refused_by_client.values()) == 48
+    assert set(srv.accepted_by_client) | set(srv.refused_by_client) == {"p0", "p1", "p2"}
+    for name in ("p0", "p1", "p2"):
+        ((start, accepted, refused),) = srv.timeline(client=name)
+        assert start == 0.0 and accepted == srv.accepted_by_client[name]
+        assert refused == srv.refused_by_client[name]
+    assert srv.timeline(client="nobody") == []
+
+
+def test_quota_tokens_per_minute(clocked: tuple[FakeArkServer, ManualClock]) -> None:
+    srv, clock = clocked
+    srv.set_quota(tokens_per_minute=600)  # 10 tokens a second, holds 10
+    first = post(srv, chat("a b c"))
+    assert first.status == 200 and first.json()["usage"]["total_tokens"] == 3 + 4  # costs 7
+    refusal = post(srv, chat("a b c"))  # 3 left, 7 needed: 0.4 s
+    assert refusal.status == 429
+    assert refusal.json()["error"]["code"] == "RateLimitExceeded.EndpointTPMExceeded"
+    assert refusal.headers["retry-after"] == "0.4" and refusal.headers["retry-after-ms"] == "400"
+    clock.now = 0.39
+    assert post(srv, chat("a b c")).status == 429
+    clock.now = 0.4
+    assert post(srv, chat("a b c")).status == 200
+
+    # A request larger than the bucket gets in once the bucket is full, and leaves a debt.
+    big = " ".join(["w"] * 20)  # 20 + 21 tokens
+    clock.now = 1.0
+    assert post(srv, chat(big)).status == 429
+    clock.now = 1.4
+    assert post(srv, chat(big)).status == 200  # level 10 - 41 = -31
+    after = post(srv, chat("a b c"))
+    assert after.headers["retry-after"] == "3.8"  # (7 + 31) / 10
+    assert srv.quota_refusals == {"RateLimitExceeded.EndpointTPMExceeded": 4}
+
+    # Both limits: the refusal names the bucket that makes the longer wait.
+    clock.now = 10.0
+    srv.set_quota(requests_per_second=1, tokens_per_minute=600)
+    assert post(srv, chat("a b c")).status == 200  # rps bucket empty, tokens 3 left
+    both = post(srv, chat("a b c"))  # rps: 1 s, tokens: 0.4 s
+    assert both.json()["error"]["code"] == "RateLimitExceeded.EndpointRPMExceeded"
+    assert both.headers["retry-after"] == "1"
+    clock.now = 11.0
+    assert post(srv, chat(big)).status == 200  # both full again; tokens left: -31
+    clock.now = 12.0
+    both = post(srv, chat("a b c"))  # rps: admits, tokens: (7 + 21) / 10 s
+    assert both.json()["error"]["code"] == "RateLimitExceeded.EndpointTPMExceeded"
+    assert both.headers["retry-after"] == "2.8"
+    assert srv.quota_refusals == {
+        "RateLimitExceeded.EndpointTPMExceeded": 5,
+        "RateLimitExceeded.EndpointRPMExceeded": 1,
+    }
+
+
+def test_set_quota_mid_run_and_off(clocked: tuple[FakeArkServer, ManualClock]) -> None:
+    srv, clock = clocked
+    srv.set_quota(requests_per_second=10)
+    assert until_refused(srv)[0] == 10
+    clock.now = 1.0  # full again: 10
+    srv.set_quota(requests_per_second=5)  # halved: the level is capped, no extra burst
+    admitted, refusal = until_refused(srv)
+    assert admitted == 5 and refusal.headers["retry-after"] == "0.2"
+    clock.now = 2.0
+    assert until_refused(srv)[0] == 5
+
+    srv.set_quota(None, None)  # off
+    assert srv.quota is None
+    assert all(r.status == 200 for r in burst(srv, 20))
+    srv.set_quota(requests_per_second=2, retry_after_step=None)  # a new bucket starts full
+    admitted, refusal = until_refused(srv)
+    assert admitted == 2 and "retry-after" not in refusal.headers
+    assert "retry-after-ms" not in refusal.headers
+    srv.set_quota(requests_per_second=0.5, retry_after_step=1)
+    assert post(srv, chat("q")).headers["retry-after"] == "2"
+
+    for bad in (
+        {"requests_per_second": 0},
+        {"tokens_per_minute": -1},
+        {"requests_per_second": 1, "burst_seconds": 0},
+        {"requests_per_second": 1, "retry_after_step": 0},
+    ):
+        with pytest.raises(ValueError):
+            srv.set_quota(**bad)
+
+    srv.reset_counters()
+    assert not srv.quota_refusals and srv.timeline() == [] and not srv.accepted_by_client
+    assert srv.quota is not None and srv.quota["requests_per_second"] == 0.5
+
+
+def test_announced_pause_answers_the_remaining_time(
+    clocked: tuple[FakeArkServer, ManualClock],
+) -> None:
+    srv, clock = clocked
+    srv.set_quota(requests_per_second=1)
+    clock.now = 1.0
+    srv.pause(5, status=503)
+    for t, left in ((1.0, "5"), (2.5, "4"), (3.0, "3"), (5.9, "1")):
+        clock.now = t
+        reply = post(srv, chat("p"), headers={**AUTH, "X-Client-Request-Id": "w-1"})
+        assert reply.status == 503 and reply.headers["retry-after"] == left
+        assert reply.json()["error"]["code"] == "ServerOverloaded"
+    assert srv.requests_during_pause == 4
+    assert srv.pause_arrival_times == [0.0, 1.5, 2.0, 4.9]
+    assert srv.refused_by_client == {"w": 4} and not srv.quota_refusals
+
+    clock.now = 6.0  # the pause is over; refusals inside it spent no quota
+    assert post(srv, chat("p")).status == 200
+    assert post(srv, chat("p")).status == 429  # the quota again
+
+    clock.now = 10.0
+    srv.pause(2, retry_after_form="float")
+    clock.now = 10.75
+    reply = post(srv, chat("p"))
+    assert reply.status == 429 and reply.headers["retry-after"] == "1.250"
+    assert srv.timeline(bin_seconds=5.0) == [(0.0, 0, 3), (5.0, 1, 2), (10.0, 0, 1)]
+    with pytest.raises(ValueError):
+        srv.pause(1, status=200)
+
+
+def test_command_line_server_with_a_quota() -> None:
+    script = Path(fake_server.__file__)
+    cmd = [sys.executable, str(script), "--port", "0", "--no-auth", "--rps", "0.1"]
+    cmd += ["--retry-after-step", "1"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().strip().rsplit(":", 1)[1])
+        answers = []
+        for _ in range(2):  # the bucket holds one request; the next is due in 10 s
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            with contextlib.closing(conn):
+                conn.request("POST", CHAT, body=orjson.dumps(chat("cli")))
+                resp = conn.getresponse()
+                answers.append((resp.status, resp.getheader("Retry-After"), resp.read()))
+        assert answers[0][0] == 200
+        assert answers[1][0] == 429 and answers[1][1] == "10"
+        assert b"EndpointRPMExceeded" in answers[1][2]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

@@ -43,7 +43,14 @@ from arkbatch_beam._errors import (
     TransportError,
     error_for_status,
 )
-from arkbatch_beam._retry import DEADLINE, MAX_RETRY_AFTER, backoff_delay, next_delay, parse_retry_after
+from arkbatch_beam._retry import (
+    DEADLINE,
+    MAX_RETRY_AFTER,
+    MIN_ANNOUNCED_WAIT,
+    backoff_delay,
+    next_delay,
+    parse_retry_after,
+)
 from arkbatch_beam._schema import OUTPUT_SCHEMA
 from arkbatch_beam.testing import FakeClock
 
@@ -553,8 +560,8 @@ def test_a_hostile_server_never_breaks_the_one_row_promise(scenario: Any) -> Non
             if isinstance(answer, Reply) and answer.status != 200:
                 wall = WALL0 + t0 - START
                 announced = parse_retry_after(as_headers(answer.headers, answer.multi), wall)
-                if announced is not None:
-                    wait = max(wait, announced)
+                if announced:  # the server named the wait: that is the wait (floored)
+                    wait = max(announced, MIN_ANNOUNCED_WAIT)
             assert t1 - t0 >= wait - EPS * max(1.0, wait), (n, t0, t1, wait, answer)
 
 
@@ -613,9 +620,10 @@ def test_any_retry_after_gives_a_finite_wait_inside_the_deadline(
         if d.reason == "attempts_exhausted":
             assert not announced and max_attempts and attempt >= max_attempts  # a wait of 0 counts
         return
-    assert d.delay >= backoff_delay(attempt, backoff, rand)
-    if announced is not None:
-        assert d.delay >= announced and d.server_said == (announced > 0)
+    if announced:  # the server named a wait: that is the wait (floored), however often it refused
+        assert d.delay == max(announced, MIN_ANNOUNCED_WAIT) and d.server_said
+    else:  # none, 0 or a date past: the backoff schedule
+        assert d.delay == backoff_delay(attempt, backoff, rand) and not d.server_said
     assert now + d.delay <= deadline - min_left and now + d.delay < deadline
 
 

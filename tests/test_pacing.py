@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from arkbatch_beam._pacing import BETA, NEUTRAL, OK, OVERLOADED, REFUSED, PushbackGate
+from arkbatch_beam._pacing import BETA, MAX_SLOT_HOLD, NEUTRAL, OK, OVERLOADED, REFUSED, PushbackGate
 
 
 class FakeClock:
@@ -110,8 +110,11 @@ def test_broad_refusal_pauses_new_sends_until_announced_time_then_slow_start():
         # Those sent after them are refused too.
         for t in tickets[15:]:
             gate.release(t, REFUSED, retry_after=5.0)
+        # Refused attempts keep their slots a while (at most MAX_SLOT_HOLD), then free them.
+        assert gate.paused and gate.in_flight == 8 and gate.try_acquire() is None
+        clock.advance(MAX_SLOT_HOLD)
         assert gate.paused and gate.in_flight == 0 and gate.try_acquire() is None
-        clock.advance(4.999)
+        clock.advance(4.999 - MAX_SLOT_HOLD)
         assert gate.paused and gate.try_acquire() is None
         clock.advance(0.001)
         assert not gate.paused
@@ -450,5 +453,22 @@ def test_external_permits_gate_admissions():
         permits.available += 1
         gate.permits_arrived()
         assert callers.names() == ["a", "b"]
+
+    run(main())
+
+
+def test_a_refused_attempt_keeps_its_slot_so_refusals_come_no_faster_than_the_waits_allow():
+    # Before: a 429 came back in a millisecond and freed its slot at once; a queued request took
+    # it and was refused too: ~1,000 refusals/s per process against a quota (benchmarks/fleet.py).
+    async def main():
+        clock = FakeClock()
+        gate = make(10, clock)
+        sent = 0
+        for _ in range(100):  # 1 s in steps of 10 ms; every attempt is refused with Retry-After 0.1
+            while (t := gate.try_acquire()) is not None:
+                sent += 1
+                gate.release(t, REFUSED, retry_after=0.1)
+            clock.advance(0.01)
+        assert sent <= 10 * 11  # each of 10 slots sends at most once per 0.1 s
 
     run(main())

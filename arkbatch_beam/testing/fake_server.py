@@ -6,8 +6,11 @@ The server speaks the subset of the Ark chat-completions protocol that
 ``POST /v1/chat/completions``). It answers deterministically
 (``"echo: <last user message>"``), can be scripted to misbehave with
 :class:`Fault` objects, can refuse all traffic for a while with
-:meth:`FakeArkServer.pause`, and counts everything it sees so tests can make
-assertions from another thread.
+:meth:`FakeArkServer.pause` (a pause it announces to every client), can hold
+all its clients to one shared quota of requests per second and tokens per
+minute with :meth:`FakeArkServer.set_quota` (429 with ``Retry-After`` when a
+bucket is empty), and counts everything it sees so tests can make assertions
+from another thread.
 
 It runs an aiohttp server in its own daemon thread with its own asyncio loop,
 so synchronous code, code running its own event loop, and Beam pipelines can
@@ -38,6 +41,7 @@ Example::
 Command line::
 
     python -m arkbatch_beam.testing.fake_server --port 8080 --latency 0.05
+    python -m arkbatch_beam.testing.fake_server --port 8080 --rps 300 --tpm 600000
 
 Many concurrent connections: every connection uses a file descriptor in the
 process running the server (and one in the client). :meth:`FakeArkServer.start`
@@ -91,6 +95,7 @@ _ERROR_TYPE_BY_STATUS: dict[int, str] = {
 }
 _JSON_CT = "application/json"
 _CREATED = 1700000000
+_TICK = 0.1  # resolution of the timeline (seconds)
 _ROUTES = (
     "/api/v3/batch/chat/completions",
     "/api/v3/chat/completions",
@@ -158,10 +163,15 @@ def _parse_request(raw: bytes) -> tuple[dict[str, Any] | None, str | None, int]:
     return body, key, max(words, 1)
 
 
+def _completion_words(key: str) -> int:
+    """The ``completion_tokens`` of the answer to ``key`` (its word count)."""
+    return len(("echo: " + key).split())
+
+
 def _completion(model: str, key: str, prompt_words: int) -> bytes:
     """Build the deterministic completion JSON for ``key``."""
     answer = "echo: " + key
-    completion_words = len(answer.split())
+    completion_words = _completion_words(key)
     message: dict[str, Any] = {"role": "assistant", "content": answer}
     reasoning_words = 0
     if "thinking" in model:
@@ -378,6 +388,49 @@ class _FaultSlot:
         self.seq = seq
 
 
+def _format_seconds(seconds: float) -> str:
+    """``1.0 -> "1"``, ``0.1 -> "0.1"``, ``0.25 -> "0.25"`` (at most 3 decimals)."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+class _Bucket:
+    """A token bucket: ``rate`` tokens a second, holding at most ``capacity``; starts full."""
+
+    __slots__ = ("capacity", "level", "rate", "updated")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.level = capacity
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        """Add what ``rate`` earned since the last refill (never above ``capacity``)."""
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait(self, cost: float) -> float:
+        """Seconds until the bucket admits ``cost`` (0 if it does now).
+
+        A cost above the capacity is admitted by a full bucket (the level goes
+        negative: a debt the next requests wait out), so no request is refused forever.
+        """
+        need = min(cost, self.capacity)
+        missing = need - self.level
+        return 0.0 if missing <= 1e-9 else missing / self.rate
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quota:
+    """What :meth:`FakeArkServer.set_quota` configured."""
+
+    requests_per_second: float | None
+    tokens_per_minute: float | None
+    burst_seconds: float
+    retry_after_step: float | None
+
+
 class FakeArkServer:
     """A fake Ark / OpenAI-compatible chat-completions server in a background thread.
 
@@ -393,13 +446,20 @@ class FakeArkServer:
     * ``client_request_ids``: ``X-Client-Request-Id`` of every arrival
       (``""`` if absent), in arrival order.
     * ``statuses``: HTTP statuses sent (aborted connections are not counted).
-    * ``pause_started_at`` / ``pause_ends_at`` (``time.monotonic()``),
+    * ``pause_started_at`` / ``pause_ends_at`` (readings of ``clock``),
       ``requests_during_pause`` and ``pause_arrival_times`` (seconds since
       the pause started) for the latest :meth:`pause`.
+    * ``quota_refusals``: arrivals refused by the quota of :meth:`set_quota`,
+      by error code (``RateLimitExceeded.EndpointRPMExceeded`` /
+      ``RateLimitExceeded.EndpointTPMExceeded``).
+    * ``accepted_by_client`` / ``refused_by_client``: arrivals let through /
+      refused by the pause or the quota, per client (see ``client_of``).
+    * :meth:`timeline`: accepted and refused arrivals per time bin, in
+      seconds since ``started_at`` (the ``clock`` reading at creation).
 
-    Handling order of a request: count the arrival -> global pause (429, no
-    latency) -> latency -> authentication (401) -> validation (400) ->
-    scripted fault -> answer.
+    Handling order of a request: count the arrival -> global pause (429 or the
+    pause's status, no latency) -> quota (429, no latency) -> latency ->
+    authentication (401) -> validation (400) -> scripted fault -> answer.
     """
 
     _SHUTDOWN_TIMEOUT: ClassVar[float] = 0.5
@@ -412,6 +472,8 @@ class FakeArkServer:
         latency_jitter: float = 0.0,
         host: str = "127.0.0.1",
         port: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        client_of: Callable[[str], str] | None = None,
     ) -> None:
         """Configure the server; call :meth:`start` (or use ``with``) to run it.
 
@@ -424,6 +486,13 @@ class FakeArkServer:
                 seconds, from a ``random.Random(0)`` (settable attribute).
             host: interface to listen on.
             port: port to listen on; 0 picks a free port.
+            clock: the monotonic clock of the pause, the quota and the
+                timeline (tests pass a manual clock; latency and holds
+                always take real time).
+            client_of: names the client of a request from its key (last user
+                message), for ``accepted_by_client`` / ``refused_by_client``;
+                by default the client is the ``X-Client-Request-Id`` up to its
+                last ``-`` (arkbatch's clients send ``<client>-<n>``).
         """
         self._expected_auth = (
             None if api_key is None else ("Bearer " + api_key).encode("utf-8")
@@ -434,6 +503,9 @@ class FakeArkServer:
         self._requested_port = port
         self._port: int | None = None
         self._rng = random.Random(0)
+        self.clock = clock
+        self.client_of = client_of
+        self.started_at = clock()
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -459,6 +531,17 @@ class FakeArkServer:
         self.pause_arrival_times: list[float] = []
         self._pause_form = "seconds"
         self._pause_http_date = ""
+        self._pause_status = 429
+
+        self._quota: _Quota | None = None
+        self._rps_bucket: _Bucket | None = None
+        self._tpm_bucket: _Bucket | None = None
+        self.quota_refusals: collections.Counter[str] = collections.Counter()
+        self.accepted_by_client: collections.Counter[str] = collections.Counter()
+        self.refused_by_client: collections.Counter[str] = collections.Counter()
+        # Arrivals per (client, tenth of a second since started_at), for timeline().
+        self._accepted_ticks: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._refused_ticks: collections.Counter[tuple[str, int]] = collections.Counter()
 
         self._release_generation = 0
         self._release_event: asyncio.Event | None = None
@@ -650,10 +733,14 @@ class FakeArkServer:
         if event is not None:
             event.set()
 
-    def pause(self, seconds: float, *, retry_after_form: str = "seconds") -> None:
-        """Refuse every request with 429 ``ServerOverloaded`` for ``seconds`` from now.
+    def pause(
+        self, seconds: float, *, retry_after_form: str = "seconds", status: int = 429
+    ) -> None:
+        """Refuse every request with ``ServerOverloaded`` (429 by default) for ``seconds`` from now.
 
-        The answer announces the end of the pause: ``retry_after_form`` is
+        A pause the server announces to every client: each arrival inside it
+        is refused at once (no latency, no quota spent) with ``status`` (429,
+        or e.g. 503) and the remaining time. ``retry_after_form`` is
         ``"seconds"`` (``Retry-After: <ceil remaining>``), ``"float"``
         (``Retry-After: <remaining, 3 decimals>``), ``"http-date"``
         (``Retry-After: <HTTP-date of the end>``; the end is rounded up to a
@@ -664,7 +751,9 @@ class FakeArkServer:
         """
         if retry_after_form not in _PAUSE_FORMS:
             raise ValueError(f"retry_after_form must be one of {sorted(_PAUSE_FORMS)}")
-        now = time.monotonic()
+        if not 400 <= status <= 599:
+            raise ValueError(f"status must be an HTTP error status (4xx/5xx), got {status}")
+        now = self.clock()
         with self._lock:
             if seconds <= 0:
                 if self.pause_ends_at is not None and self.pause_ends_at > now:
@@ -678,13 +767,151 @@ class FakeArkServer:
                     datetime.datetime.fromtimestamp(wall_end, datetime.UTC), usegmt=True
                 )
             self._pause_form = retry_after_form
+            self._pause_status = status
             self.pause_started_at = now
             self.pause_ends_at = end
             self.requests_during_pause = 0
             self.pause_arrival_times = []
 
+    def set_quota(
+        self,
+        requests_per_second: float | None = None,
+        tokens_per_minute: float | None = None,
+        *,
+        burst_seconds: float = 1.0,
+        retry_after_step: float | None = 0.1,
+    ) -> None:
+        """Share one quota among every client of this server (thread-safe; call any time).
+
+        Two token buckets, each holding at most ``burst_seconds`` of its rate
+        (at least one request / one token): ``requests_per_second`` (each
+        arrival costs 1) and ``tokens_per_minute`` (each costs the
+        ``total_tokens`` its answer reports: prompt words plus completion
+        words; a malformed body costs 0). ``None`` means no limit; both None
+        turns the quota off (the default). An arrival that a bucket cannot
+        admit is answered at once with 429
+        ``RateLimitExceeded.EndpointRPMExceeded`` (or ``...TPMExceeded``),
+        ``Retry-After`` and ``retry-after-ms`` saying when the buckets will
+        admit it, rounded up to a multiple of ``retry_after_step`` seconds
+        (``None``: no retry header at all); it spends nothing and is not
+        served. A refused request is no reservation: whoever comes first
+        after the refill gets in.
+
+        Changing a limit keeps each bucket's level (capped at its new
+        capacity), so halving the quota mid-run gives no extra burst; a bucket
+        that had no limit before starts full.
+
+        Example (a manual clock: time moves only when the example moves it):
+            >>> import http.client
+            >>> def ask(srv):
+            ...     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+            ...     body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+            ...     conn.request("POST", "/api/v3/chat/completions", body)
+            ...     resp = conn.getresponse()
+            ...     _ = resp.read()
+            ...     conn.close()
+            ...     return resp.status, resp.getheader("Retry-After")
+            >>> now = [0.0]
+            >>> with FakeArkServer(api_key=None, clock=lambda: now[0]) as srv:
+            ...     srv.set_quota(requests_per_second=2)
+            ...     print([ask(srv) for _ in range(3)])
+            ...     now[0] = 0.5  # the bucket earned one request
+            ...     print(ask(srv), srv.quota_refusals, srv.timeline())
+            [(200, None), (200, None), (429, '0.5')]
+            (200, None) Counter({'RateLimitExceeded.EndpointRPMExceeded': 1}) [(0.0, 3, 1)]
+        """
+        for name, value in (
+            ("requests_per_second", requests_per_second),
+            ("tokens_per_minute", tokens_per_minute),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value}")
+        if not burst_seconds > 0:
+            raise ValueError(f"burst_seconds must be > 0, got {burst_seconds}")
+        if retry_after_step is not None and not retry_after_step >= 0.001:
+            raise ValueError(f"retry_after_step must be >= 0.001 s or None, got {retry_after_step}")
+        with self._lock:
+            now = self.clock()
+            self._rps_bucket = self._rebucket(
+                self._rps_bucket, requests_per_second, burst_seconds, now
+            )
+            tokens_per_second = None if tokens_per_minute is None else tokens_per_minute / 60
+            self._tpm_bucket = self._rebucket(
+                self._tpm_bucket, tokens_per_second, burst_seconds, now
+            )
+            self._quota = (
+                None
+                if requests_per_second is None and tokens_per_minute is None
+                else _Quota(
+                    requests_per_second, tokens_per_minute, burst_seconds, retry_after_step
+                )
+            )
+
+    @staticmethod
+    def _rebucket(
+        bucket: _Bucket | None, rate: float | None, burst_seconds: float, now: float
+    ) -> _Bucket | None:
+        """The bucket for a new ``rate``, keeping the level of the old one (if any)."""
+        if rate is None:
+            return None
+        capacity = max(1.0, rate * burst_seconds)
+        if bucket is None:
+            return _Bucket(rate, capacity, now)
+        bucket.refill(now)
+        bucket.rate, bucket.capacity = rate, capacity
+        bucket.level = min(bucket.level, capacity)
+        return bucket
+
+    @property
+    def quota(self) -> dict[str, float | None] | None:
+        """The quota :meth:`set_quota` set (``None`` when there is none).
+
+        Example:
+            >>> srv = FakeArkServer()
+            >>> srv.set_quota(tokens_per_minute=6000)
+            >>> srv.quota
+            {'requests_per_second': None, 'tokens_per_minute': 6000, 'burst_seconds': 1.0, 'retry_after_step': 0.1}
+        """
+        quota = self._quota
+        return None if quota is None else dataclasses.asdict(quota)
+
+    def timeline(
+        self, bin_seconds: float = 1.0, *, client: str | None = None
+    ) -> list[tuple[float, int, int]]:
+        """Arrivals per time bin: ``(start, accepted, refused)`` from the first to the last busy bin.
+
+        ``start`` is in seconds since the server was created (``started_at``),
+        floored to a multiple of ``bin_seconds`` (a multiple of 0.1 s: the
+        resolution of the counts). *Accepted* arrivals passed the pause and the
+        quota; *refused* ones were answered 429 (or the pause's status) by
+        them. Bins with no arrival inside the span are listed with zeros.
+        ``client`` counts only the arrivals of that client (see ``client_of``).
+
+        Example (see :meth:`set_quota` for one with traffic):
+            >>> FakeArkServer().timeline()  # nothing arrived yet
+            []
+        """
+        ticks = max(1, round(bin_seconds / _TICK))
+        with self._lock:
+            accepted: collections.Counter[int] = collections.Counter()
+            refused: collections.Counter[int] = collections.Counter()
+            for (who, t), n in self._accepted_ticks.items():
+                if client is None or who == client:
+                    accepted[t // ticks] += n
+            for (who, t), n in self._refused_ticks.items():
+                if client is None or who == client:
+                    refused[t // ticks] += n
+        busy = set(accepted) | set(refused)
+        if not busy:
+            return []
+        width = ticks * _TICK
+        return [
+            (round(b * width, 3), accepted[b], refused[b])
+            for b in range(min(busy), max(busy) + 1)
+        ]
+
     def reset_counters(self) -> None:
-        """Zero every counter (faults, pause state and callbacks are kept)."""
+        """Zero every counter (faults, pause state, quota and callbacks are kept)."""
         with self._lock:
             self.total_requests = 0
             self.ok_responses = 0
@@ -695,6 +922,11 @@ class FakeArkServer:
             self.statuses.clear()
             self.requests_during_pause = 0
             self.pause_arrival_times = []
+            self.quota_refusals.clear()
+            self.accepted_by_client.clear()
+            self.refused_by_client.clear()
+            self._accepted_ticks.clear()
+            self._refused_ticks.clear()
 
     def wait_for_requests(self, n: int, timeout: float = 30) -> bool:
         """Block until ``total_requests >= n``; return False on timeout."""
@@ -715,6 +947,9 @@ class FakeArkServer:
                 "statuses": collections.Counter(self.statuses),
                 "requests_during_pause": self.requests_during_pause,
                 "pause_arrival_times": list(self.pause_arrival_times),
+                "quota_refusals": collections.Counter(self.quota_refusals),
+                "accepted_by_client": collections.Counter(self.accepted_by_client),
+                "refused_by_client": collections.Counter(self.refused_by_client),
             }
 
     # ------------------------------------------------------------------ handling
@@ -741,10 +976,72 @@ class FakeArkServer:
                 best.remaining -= 1
             return best.fault
 
+    def _refusal_locked(
+        self, arrived: float, client: str, tokens: int
+    ) -> tuple[int, str, str, dict[str, str]] | None:
+        """Whether the pause or the quota refuses an arrival, counted (lock held).
+
+        Returns ``(status, code, message, headers)`` of the refusal, or None.
+        """
+        pause_headers = self._pause_headers_locked(arrived)
+        refusal: tuple[int, str, str, dict[str, str]] | None
+        if pause_headers is not None:
+            refusal = (
+                self._pause_status,
+                "ServerOverloaded",
+                "The service is overloaded (fake pause).",
+                pause_headers,
+            )
+        else:
+            refusal = self._quota_refusal_locked(arrived, tokens)
+        tick = math.floor((arrived - self.started_at) / _TICK)
+        if refusal is None:
+            self._accepted_ticks[client, tick] += 1
+            self.accepted_by_client[client] += 1
+        else:
+            self._refused_ticks[client, tick] += 1
+            self.refused_by_client[client] += 1
+        return refusal
+
+    def _quota_refusal_locked(
+        self, now: float, tokens: int
+    ) -> tuple[int, str, str, dict[str, str]] | None:
+        """Spend the quota for an arrival costing ``tokens``, or say why not (lock held)."""
+        quota, rps, tpm = self._quota, self._rps_bucket, self._tpm_bucket
+        if quota is None:
+            return None
+        wait, code, message = 0.0, "", ""
+        if rps is not None:
+            rps.refill(now)
+            wait = rps.wait(1)
+            code = "RateLimitExceeded.EndpointRPMExceeded"
+            message = "The request rate of the endpoint exceeded its quota (fake)."
+        if tpm is not None:
+            tpm.refill(now)
+            tpm_wait = tpm.wait(tokens)
+            if tpm_wait > wait:
+                wait = tpm_wait
+                code = "RateLimitExceeded.EndpointTPMExceeded"
+                message = "The token rate of the endpoint exceeded its quota (fake)."
+        if wait <= 0:
+            if rps is not None:
+                rps.level -= 1
+            if tpm is not None:
+                tpm.level -= tokens
+            return None
+        self.quota_refusals[code] += 1
+        headers: dict[str, str] = {}
+        step = quota.retry_after_step
+        if step is not None:
+            announced = max(1, math.ceil(wait / step - 1e-9)) * step
+            headers["Retry-After"] = _format_seconds(announced)
+            headers["retry-after-ms"] = str(round(announced * 1000))
+        return 429, code, message, headers
+
     def _pause_headers_locked(self, arrived: float) -> dict[str, str] | None:
         """Return the retry header if ``arrived`` falls inside the pause (lock held)."""
         start, end = self.pause_started_at, self.pause_ends_at
-        if start is None or end is None or not (start < arrived < end):
+        if start is None or end is None or not (start <= arrived < end):
             return None
         self.requests_during_pause += 1
         self.pause_arrival_times.append(arrived - start)
@@ -806,7 +1103,7 @@ class FakeArkServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """Handle one chat-completions request."""
-        arrived = time.monotonic()
+        arrived = self.clock()
         with self._lock:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -827,6 +1124,13 @@ class FakeArkServer:
             headers["X-Request-Id"] = client_id
         raw = await request.read()
         body, key, prompt_words = _parse_request(raw)
+        if self.client_of is not None:
+            client = self.client_of(key or "")
+        else:
+            client = client_id.rpartition("-")[0]
+        tokens = 0
+        if key is not None and self._tpm_bucket is not None:
+            tokens = prompt_words + _completion_words(key)
 
         with self._cond:
             self.total_requests += 1
@@ -835,7 +1139,7 @@ class FakeArkServer:
                 self.attempts_by_key[key] += 1
             self.client_request_ids.append(client_id)
             generation = self._release_generation
-            pause_headers = self._pause_headers_locked(arrived)
+            refusal = self._refusal_locked(arrived, client, tokens)
             self._cond.notify_all()
         for callback in self._callbacks:
             try:
@@ -843,14 +1147,10 @@ class FakeArkServer:
             except Exception:
                 logger.exception("FakeArkServer: on_request callback failed")
 
-        if pause_headers is not None:
-            headers.update(pause_headers)
-            return self._error(
-                429,
-                "ServerOverloaded",
-                "The service is overloaded (fake pause).",
-                headers,
-            )
+        if refusal is not None:
+            status, code, message, extra = refusal
+            headers.update(extra)
+            return self._error(status, code, message, headers)
 
         delay = self.latency
         if self.latency_jitter > 0:
@@ -946,6 +1246,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--no-auth", action="store_true", help="accept requests without a valid key"
     )
+    parser.add_argument(
+        "--rps", type=float, default=None, help="shared quota: requests per second"
+    )
+    parser.add_argument(
+        "--tpm", type=float, default=None, help="shared quota: tokens per minute"
+    )
+    parser.add_argument(
+        "--burst-seconds",
+        type=float,
+        default=1.0,
+        help="each quota bucket holds this many seconds of its rate (default 1)",
+    )
+    parser.add_argument(
+        "--retry-after-step",
+        type=float,
+        default=0.1,
+        help="quota refusals announce a Retry-After rounded up to this (default 0.1 s; 0: none)",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -964,6 +1282,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=args.host,
         port=args.port,
     )
+    if args.rps is not None or args.tpm is not None:
+        server.set_quota(
+            args.rps,
+            args.tpm,
+            burst_seconds=args.burst_seconds,
+            retry_after_step=args.retry_after_step or None,
+        )
     try:
         with server:
             host = server._url_host
