@@ -1,5 +1,7 @@
 """What a job's progress lines know beyond the client's own counts: how many inputs the job
-has, and how many ids need no request (done on an earlier run, duplicates, bad or blank lines).
+has, how many need no row (blank lines, ids done on an earlier run), and how many failure rows
+were written without a request (bad lines, duplicate ids), so the line's ``failed=`` counts what
+the summary counts.
 
 One explicit object per job (no module-level totals): :class:`~arkbatch_beam.BatchChatInference`
 passes it to the steps that skip ids and to the runtime that logs the progress line; the CLI
@@ -12,10 +14,11 @@ Example:
     >>> progress = JobProgress()
     >>> progress.set_total(20)
     >>> progress.add_skipped(2)
+    >>> progress.add_failed(1)
     >>> pickle.loads(pickle.dumps(progress)) is progress
     True
-    >>> progress.to_send()
-    18
+    >>> progress.to_do(), progress.failed_before_send
+    (18, 1)
 """
 
 from __future__ import annotations
@@ -33,22 +36,27 @@ class JobProgress:
         self._lock = threading.Lock()
         self._total: int | None = None
         self._skipped = 0
+        self.failed_before_send = 0
         with _by_name_lock:
             _by_name.setdefault(self.name, self)
 
     def set_total(self, lines: int | None) -> None:
-        """How many inputs the whole job has (``None``: unknown); resets the skipped count."""
+        """How many inputs the whole job has (``None``: unknown)."""
         with self._lock:
             self._total = None if lines is None else int(lines)
-            self._skipped = 0
 
     def add_skipped(self, n: int) -> None:
-        """Count ``n`` inputs that need no request toward the progress fraction."""
+        """``n`` inputs that need no row (blank lines, ids already done): off the total."""
         with self._lock:
             self._skipped += n
 
-    def to_send(self) -> int | None:
-        """Inputs that need a request (``None`` when the total is not known here)."""
+    def add_failed(self, n: int) -> None:
+        """``n`` failure rows written without a request (a bad line, a duplicate id)."""
+        with self._lock:
+            self.failed_before_send += n
+
+    def to_do(self) -> int | None:
+        """Inputs that end in a row (``None`` when the total is not known here)."""
         with self._lock:
             return None if self._total is None else max(self._total - self._skipped, 0)
 

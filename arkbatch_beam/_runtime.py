@@ -228,7 +228,7 @@ class SharedRuntime:
         if self._progress is not None:
             self._progress.stop()
             if self.client.ok + self.client.failed:
-                log.info("%s (final)", self._progress.line())
+                log.info("%s (final)", self._progress.line(final=True))
         await self.client.close()
         # Callers' complete() tasks (submit()) and anything else still on the loop: cancel
         # and await them, so nothing is destroyed while pending.
@@ -265,17 +265,21 @@ class _Progress:
             self._handle.cancel()
             self._handle = None
 
-    def line(self) -> str:
+    def line(self, *, final: bool = False) -> str:
+        """The progress line; ``final``: the rate is the whole run's average."""
         rt = self._rt
         c = rt.client.stats()  # loop thread
         now = rt.loop.time()
-        done = c.ok + c.failed
-        t0, d0 = self._last
+        # Failure rows written without a request (bad lines, duplicate ids) count too, as in the summary.
+        before = rt.progress.failed_before_send if rt.progress is not None else 0
+        failed = c.failed + before
+        done = c.ok + failed
+        t0, d0 = (self._started, 0) if final else self._last
         self._last = (now, done)
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
         text = (
-            f"arkbatch progress (pid {os.getpid()}): done={done} ok={c.ok} failed={c.failed} "
-            f"in_flight={c.in_flight} queued={c.queued} retrying={c.parked} attempts={c.attempts} "
+            f"arkbatch progress (pid {os.getpid()}): done={done} ok={c.ok} failed={failed} "
+            f"in_flight={c.in_flight} queued={c.queued} waiting_to_retry={c.parked} attempts={c.attempts} "
             f"rate={rate:.1f}/s elapsed={now - self._started:.0f}s"
         )
         if rt.config.pacing == "adaptive" or c.cuts:
@@ -285,9 +289,9 @@ class _Progress:
         paused = c.paused_for
         if paused > 0:
             text += f" paused (server asked; {paused:.0f}s left)"
-        to_send = rt.progress.to_send() if rt.progress is not None else None
-        if to_send:
-            todo = max(to_send, done, 1)
+        to_do = rt.progress.to_do() if rt.progress is not None else None
+        if to_do:
+            todo = max(to_do, done, 1)
             text += f" of~{todo} ({100.0 * done / todo:.1f}%)"
             if rate > 0 and todo > done:
                 text += f" eta={_duration((todo - done) / rate)}"

@@ -31,7 +31,8 @@ def test_progress_line_counts_and_eta(server):
                        progress_seconds=3600)
     progress = JobProgress()
     progress.set_total(20)
-    progress.add_skipped(2)  # e.g. two bad input lines: never sent
+    progress.add_skipped(1)  # a blank line: no row
+    progress.add_failed(1)  # a bad input line: a failure row, never sent
     rt = _runtime.acquire(cfg)
     rt.progress = progress  # what InferDoFn does for its job
     try:
@@ -40,8 +41,9 @@ def test_progress_line_counts_and_eta(server):
         line = _line(rt)
     finally:
         _runtime.release(rt)
-    assert "done=9 ok=8 failed=1 in_flight=0 queued=0 retrying=0 attempts=9 " in line
-    assert " of~18 (50.0%) eta=" in line  # 20 lines - 2 skipped = 18 to send; 9 done
+    # The bad line counts as failed (as in the summary): 10 of 19 rows done.
+    assert "done=10 ok=8 failed=2 in_flight=0 queued=0 waiting_to_retry=0 attempts=9 " in line
+    assert " of~19 (52.6%) eta=" in line  # 20 lines - 1 blank = 19 rows
     assert "paused" not in line
 
 
@@ -66,7 +68,7 @@ def test_cli_logs_progress_and_counts_the_inputs(server, tmp_path, caplog):
     assert rc == 0
     final = [r.getMessage() for r in caplog.records if "arkbatch progress" in r.getMessage()]
     assert final and final[-1].endswith("(final)"), final
-    assert "done=25 ok=25 failed=0" in final[-1]
+    assert "done=26 ok=25 failed=1" in final[-1]  # the bad line counts, as in the summary
 
 
 def test_a_request_backing_off_does_not_hold_a_worker(server):
