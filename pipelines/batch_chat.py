@@ -105,8 +105,9 @@ class FlinkJavaOptions(PipelineOptions):
     """Options of Beam's Java Flink runner that the Python SDK declares no flag for.
 
     They are *pipeline* options (not the job server's): declared here, they travel with the
-    pipeline to the job server, which drops undeclared ones. Both apply to Flink 1.x's batch
-    (DataSet) translation only; with ``--flink_version`` 2.x they do nothing.
+    pipeline to the job server, which drops undeclared ones. ``execution_mode_for_batch`` acts
+    on Flink 1.x's batch (DataSet) translation only; ``load_balance_bundles`` is a portable
+    option read for any portable job.
     """
 
     @classmethod
@@ -117,8 +118,8 @@ class FlinkJavaOptions(PipelineOptions):
             "inputs are complete (PIPELINED, the default, starts every stage at once)")
         parser.add_argument(
             "--load_balance_bundles", default=None, action="store_true",
-            help="Flink 1.x: at most as many open bundles as SDK workers across stages (can deadlock a "
-            "batch job whose stages all start at once; see the README)")
+            help="portable runners: at most as many open bundles as SDK workers across stages (can "
+            "deadlock a batch job whose stages all start at once; see the README)")
 
 
 # Every config class whose fields are flags, in the order --help and the README show them.
@@ -166,6 +167,7 @@ def check_unknown_flags(beam_args: Sequence[str]) -> None:
     Beam would only warn ("Discarding unparseable args") and the job would run at the default.
     """
     known = _beam_flags()
+    launched_by_template = any(a.startswith("--template_location") for a in beam_args)
     for arg in beam_args:
         if not arg.startswith("--"):
             continue
@@ -174,6 +176,9 @@ def check_unknown_flags(beam_args: Sequence[str]) -> None:
             continue
         close = difflib.get_close_matches(name, [*our_flags(), *known], n=1, cutoff=0.75)
         hint = f": did you mean --{close[0]}?" if close else " (python -m pipelines.batch_chat --help lists ours)"
+        if launched_by_template:  # a Flex Template launcher may add options of its own: do not block it
+            log.warning("unknown option --%s%s", name, hint)
+            continue
         raise UsageError(f"unknown option --{name}{hint}")
 
 
@@ -263,7 +268,11 @@ def check_input(args: argparse.Namespace) -> list[Any]:
     if is_parquet(args):
         with FileSystems.open(files[0].path) as f:
             names = pq.ParquetFile(f).schema_arrow.names
-        for flag, col in (("--prompt_column", args.prompt_column), ("--id_column", args.id_column)):
+        templated = bool(getattr(args, "template", None) or getattr(args, "template_file", None))
+        # With a template the prompt is built from the columns it names (a missing one is a
+        # missing_column row), so --prompt_column need not exist.
+        prompt_column = None if templated else args.prompt_column
+        for flag, col in (("--prompt_column", prompt_column), ("--id_column", args.id_column)):
             if col is not None and col not in names:
                 raise UsageError(f"{flag} {col!r} is not a column of {files[0].path}; it has: {', '.join(names)}")
     return files
@@ -362,7 +371,8 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, *, job: Job | Non
         lines = (
             p
             | "Read" >> beam.io.ReadFromParquet(opts.input)
-            | "Rows" >> beam.Map(row_to_item, opts.prompt_column, opts.id_column, job.inputs.system)
+            | "Rows" >> beam.Map(row_to_item, opts.prompt_column, opts.id_column, job.inputs.system,
+                                 templated=job.inputs.has_template, keep=job.inputs.kept_columns)
         )
     else:
         # Bytes, not str: parse_input decodes each line strictly (--input_encoding, else UTF-8), so a
@@ -383,11 +393,10 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, *, job: Job | Non
     # Each output straight into its writer (no Flatten in between), so the writers fuse
     # with inference and parts become durable while the job runs, on every runner.
     parts = (
-        ok | "WriteResults" >> WriteResults(output, max_rows=job.sink.part_rows, max_seconds=job.sink.part_seconds),
-        failures | "WriteFailures" >> WriteResults(output, max_rows=job.sink.part_rows,
-                                                    max_seconds=job.sink.part_seconds),
+        ok | "WriteResults" >> WriteResults(output, sink=job.sink),
+        failures | "WriteFailures" >> WriteResults(output, sink=job.sink),
     ) | "AllParts" >> beam.Flatten()
-    done = (parts | "Compact" >> CompactOutput(output)) if not opts.no_compact else (
+    done = (parts | "Compact" >> CompactOutput(output, sink=job.sink)) if not opts.no_compact else (
         parts | "CountParts" >> beam.combiners.Count.Globally())
     # The job writes its own summary.json once its output is final, so a detached launcher
     # (--no_wait_until_finish, a Flex Template, a closed laptop) still gets one; a launcher that
@@ -566,10 +575,14 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
 
 
 def detached(job: Job) -> bool:
-    """Whether the launcher submits the job and leaves (``--no_wait_until_finish``)."""
-    from apache_beam.options.pipeline_options import StandardOptions
+    """Whether the launcher only submits or stages the job: ``--no_wait_until_finish``, or a
+    Flex Template launch (the launcher passes ``--template_location``: Beam writes the job file
+    and the run "finishes" at once, before the job has started)."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
 
-    return bool(PipelineOptions(list(job.beam_args)).view_as(StandardOptions).no_wait_until_finish)
+    options = PipelineOptions(list(job.beam_args))
+    return bool(options.view_as(StandardOptions).no_wait_until_finish
+                or options.view_as(GoogleCloudOptions).template_location)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

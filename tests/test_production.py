@@ -79,3 +79,16 @@ def test_a_dataflow_job_built_from_template_parameters_holds_no_key(tmp_path, mo
     batch_chat.build_pipeline(p, args)
     proto = p.to_runner_api().SerializeToString()
     assert secret_value.encode() not in proto and b"projects/p/secrets/s/versions/1" in proto
+
+
+def test_a_flex_template_launch_counts_as_detached_and_writes_no_launcher_summary(tmp_path):
+    # The Flex launcher runs the CLI with --template_location: Beam only writes the job file and
+    # the run "finishes" at once; a launcher summary then would say ok=0 before the job started.
+    args = ["--input", "x", "--output", str(tmp_path / "o")]
+    ns, beam_args = batch_chat.build_parser().parse_known_args(
+        args + ["--runner=DataflowRunner", "--template_location=gs://b/staging/job_object"])
+    assert batch_chat.detached(batch_chat.configure(ns, beam_args))
+    ns, beam_args = batch_chat.build_parser().parse_known_args(args)
+    assert not batch_chat.detached(batch_chat.configure(ns, beam_args))
+    ns, beam_args = batch_chat.build_parser().parse_known_args(args + ["--no_wait_until_finish"])
+    assert batch_chat.detached(batch_chat.configure(ns, beam_args))
