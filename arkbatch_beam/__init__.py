@@ -16,6 +16,7 @@ Example:
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._attempt import read_secret, tls_context
 from ._client import ArkClient, parse_completion
 from ._config import (
     ARK_BASE_URL,
@@ -157,6 +158,7 @@ __all__ = [
     "part_files",
     "PushbackGate",
     "RateLimited",
+    "read_secret",
     "render_error_types_table",
     "render_options_table",
     "RequestRejected",
@@ -167,6 +169,7 @@ __all__ = [
     "row_to_item",
     "RuntimeDied",
     "SinkConfig",
+    "tls_context",
     "TransportError",
     "validate",
     "WriteResults",

@@ -62,10 +62,11 @@ from arkbatch_beam import (
     option,
     parse_input,
     part_files,
+    read_secret,
     row_to_item,
+    tls_context,
     validate,
 )
-from arkbatch_beam._attempt import read_secret, tls_context  # TODO(export): public once __init__ is free
 from arkbatch_beam.report import summarize, top_reasons
 
 log = logging.getLogger("arkbatch_beam")
