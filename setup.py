@@ -24,10 +24,16 @@ setup(
         "orjson>=3.9.7,<4",
         # Checks structured output (--response_format) against its JSON schema.
         "jsonschema>=4,<5",
+        # The live progress bar on a terminal.
+        "tqdm>=4.66,<5",
     ],
     extras_require={
         # Beam YAML pipelines (type: BatchChatInference): Beam's YAML runner and its file readers.
         "yaml": ["apache-beam[gcp,yaml]>=2.77.0,<2.78"],
+        # python -m arkbatch_beam.report OUT --plot report.png / --html report.html
+        "report": ["matplotlib>=3.8,<4"],
+        # A faster event loop for the shared client, used when installed.
+        "fast": ["uvloop>=0.19,<1"],
         "test": [
             "apache-beam[gcp,yaml]>=2.77.0,<2.78",
             "pytest>=8,<10",
@@ -41,6 +47,9 @@ setup(
             # Independent parties the tests hold our client and fake server against.
             "fakellm>=0.3.5,<0.4",
             "volcengine-ark-runtime>=5,<6",
+            # HTTPS in the fake server (a test CA and certificates), plots in the report.
+            "trustme>=1.1,<2",
+            "matplotlib>=3.8,<4",
         ],
         # Peers for `python -m benchmarks.run` (not needed by the tests).
         "bench": [
