@@ -1,5 +1,6 @@
 """BatchChatInference on the DirectRunner against the fake server."""
 
+import os
 import pickle
 
 import apache_beam as beam
@@ -28,14 +29,15 @@ def test_every_id_exactly_once_with_answers(server):
     server.add_fault(Fault.rate_limited("0.2", match="q 3"))
     server.add_fault(Fault.server_error(502, match="q 4"))
     server.add_fault(Fault.reset(match="q 5"))
-    # (A RunInference handler's runtime lives as long as Beam's shared model: count only ours.)
-    before = _runtime.active_runtimes()
+    infer = BatchChatInference(endpoint(server), max_concurrency=8)
     with BeamTestPipeline() as p:
-        rows = p | beam.Create(lines(50)) | BatchChatInference(endpoint(server), max_concurrency=8)
+        rows = p | beam.Create(lines(50)) | infer
         assert_that(rows | beam.Map(lambda r: (r["custom_id"], r["status"], r["content"])),
                     equal_to([(f"c{i}", "ok", f"echo: q {i}") for i in range(50)]))
     assert server.attempts_by_key["q 3"] == 2 and server.attempts_by_key["q 5"] == 2
-    assert _runtime.active_runtimes() == before  # the last teardown closed the shared runtime
+    # The last teardown closed the shared runtime. (Only ours: a RunInference handler's runtime
+    # from another test lives as long as Beam's shared model, until it is collected.)
+    assert (os.getpid(), infer.config) not in _runtime._registry
 
 
 def test_bad_rows_and_rejections_go_to_failures(server):
@@ -115,14 +117,13 @@ def test_missing_key_fails_the_pipeline_clearly(monkeypatch, server):
 
 def test_same_config_shares_one_runtime(server):
     cfg = ClientConfig(endpoint(server), max_concurrency=2)
-    before = _runtime.active_runtimes()
     a, b = _runtime.acquire(cfg), _runtime.acquire(cfg)
     try:
-        assert a is b and _runtime.active_runtimes() == before + 1
+        assert a is b and _runtime._registry[(os.getpid(), cfg)][1] == 2
     finally:
         _runtime.release(a)
         _runtime.release(b)
-    assert _runtime.active_runtimes() == before
+    assert (os.getpid(), cfg) not in _runtime._registry and not a.alive
 
 
 @pytest.mark.parametrize("dedupe", [True, False])
