@@ -47,6 +47,7 @@ import orjson
 from ._config import ClientConfig, Keepalive
 from ._errors import (
     ArkError,
+    CertificateError,
     AttemptTimeout,
     InvalidResponse,
     MissingApiKey,
@@ -366,6 +367,12 @@ def map_transport_error(exc: BaseException) -> ArkError:
         return TransportError(f"response body cut short ({type(exc).__name__})")
     if isinstance(exc, aiohttp.ContentTypeError):
         return InvalidResponse("response is not JSON")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):  # (before its base class below)
+        host = f"{exc.host}:{exc.port}"
+        return CertificateError(
+            f"cannot verify the TLS certificate of {host}: {exc.certificate_error}; trust its CA with "
+            "--ca_bundle PATH (Endpoint.ca_bundle) or SSL_CERT_FILE"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         # str(exc) names host:port and the OS error, never headers.
         return TransportError(f"cannot connect: {exc.os_error.strerror or type(exc).__name__}")

@@ -153,6 +153,14 @@ class EndpointError(RequestRejected):
     meaning = "401/403/404: a wrong key, endpoint id or path (wrong for every request; fixed on your side)"
 
 
+class CertificateError(EndpointError):
+    """The endpoint's TLS certificate could not be verified: wrong for every request alike."""
+
+    error_type = "certificate_error"
+    meaning = ("the endpoint's TLS certificate could not be verified: trust its CA with `--ca_bundle` or "
+               "`SSL_CERT_FILE` (wrong for every request: the job stops after the first ten)")
+
+
 class RetryLimit(ArkError):
     """A retry limit ended the request (retryable: a later run may succeed)."""
 

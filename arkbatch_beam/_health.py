@@ -53,10 +53,16 @@ class EndpointHealth:
             return
         self._endpoint_errors += 1
         if self._other_answers == 0 and self._endpoint_errors >= FATAL_AFTER and self.fatal is None:
-            self.fatal = (
-                f"the endpoint {self._url} answered HTTP {err.http_status} "
-                f"({self._redact(err.error_code) or 'no code'}: {self._redact(err.message)}) to the first "
-                f"{self._endpoint_errors} requests and never succeeded: check the model/"
-                f"endpoint id, base_url, path and the key in ${self._key_env}"
-            )
+            if err.http_status is None:  # no answer at all (an untrusted certificate)
+                self.fatal = (
+                    f"the first {self._endpoint_errors} requests to {self._url} failed and none succeeded: "
+                    f"{self._redact(err.message)}"
+                )
+            else:
+                self.fatal = (
+                    f"the endpoint {self._url} answered HTTP {err.http_status} "
+                    f"({self._redact(err.error_code) or 'no code'}: {self._redact(err.message)}) to the first "
+                    f"{self._endpoint_errors} requests and never succeeded: check the model/"
+                    f"endpoint id, base_url, path and the key in ${self._key_env}"
+                )
             log.error("%s", self.fatal)

@@ -1,7 +1,7 @@
 """The contenders, each run in its own process by ``benchmarks.run``.
 
     python -m benchmarks._contenders NAME --base http://127.0.0.1:P --n N --c C \\
-        --data prompts.jsonl --workdir DIR [--latency L]
+        --data prompts.jsonl --workdir DIR [--latency L] [--ca_bundle CA.pem] [--uvloop]
 
 prints one line ``BENCH_RESULT {json}`` with the figures of the measured phase: completed
 requests, wall seconds, req/s, CPU seconds of this process (every thread; for Ray the whole
@@ -11,6 +11,11 @@ Every contender sends the same body, ``{"model": "ep-bench", "messages": [{"role
 "content": "prompt <i>"}]}``, with C requests in flight: the async ones run C worker
 coroutines pulling from one shared iterator (a semaphore without N pending tasks, so memory
 does not grow with N); the pipelines read the same prompts from a JSONL file.
+
+Over HTTPS (``--base https://...``) every contender trusts the server's test CA given by
+``--ca_bundle`` through its own documented option (an ``ssl.SSLContext`` with that CA, our
+``--ca_bundle``, or ``SSL_CERT_FILE`` where a contender has no other); verification is never
+turned off. ``--uvloop`` runs the asyncio contenders on uvloop's event loop.
 """
 
 from __future__ import annotations
@@ -44,6 +49,22 @@ def write_jsonl(path: str, n: int) -> None:
 BUDGET = [0.0]  # seconds after which the pool stops taking new requests (0 = none)
 
 
+def _ssl_from(ca_bundle: str) -> Any:
+    """A verifying client TLS context trusting only ``ca_bundle``'s CAs, or ``True`` (the
+    library's default verifying context) without one. Workers build their own from the path:
+    a context does not pickle."""
+    if not ca_bundle:
+        return True
+    import ssl
+
+    return ssl.create_default_context(cafile=ca_bundle)
+
+
+def ssl_context(a: argparse.Namespace) -> Any:
+    """The client TLS context of ``--ca_bundle`` (see :func:`_ssl_from`)."""
+    return _ssl_from(a.ca_bundle)
+
+
 async def _pool(n: int, c: int, one: Callable[[int], Any]) -> int:
     """Run ``one(i)`` for i in range(n) with ``c`` workers; returns how many returned True.
 
@@ -75,7 +96,7 @@ async def _bare_aiohttp(a: argparse.Namespace) -> dict[str, Any]:
     url = a.base + "/api/v3/batch/chat/completions"
     hist = LatencyHistogram()
     perf = time.perf_counter
-    connector = aiohttp.TCPConnector(limit=a.c)
+    connector = aiohttp.TCPConnector(limit=a.c, ssl=ssl_context(a))
     async with aiohttp.ClientSession(
         connector=connector, headers={"Content-Type": "application/json", "Authorization": "Bearer " + KEY}
     ) as session:
@@ -104,7 +125,7 @@ async def _our_client(a: argparse.Namespace) -> dict[str, Any]:
 
     os.environ["BENCH_ARK_KEY"] = KEY
     cfg = ClientConfig(
-        Endpoint(MODEL, base_url=a.base + "/api/v3", api_key_env="BENCH_ARK_KEY"),
+        Endpoint(MODEL, base_url=a.base + "/api/v3", api_key_env="BENCH_ARK_KEY", ca_bundle=a.ca_bundle or None),
         max_concurrency=a.c,
         timeout=3600,
     )
@@ -154,6 +175,8 @@ def _cli(a: argparse.Namespace, name: str, *extra: str) -> dict[str, Any]:
         "--max_concurrency", str(a.c), "--timeout", "3600",
         "--part_rows", "2000", "--no_compact", "--no_preflight", "--progress_seconds", "0", *extra,
     ]
+    if a.ca_bundle:
+        argv += ["--ca_bundle", a.ca_bundle]
     with Meter() as m:
         summary = run(argv)
     logging.getLogger().setLevel(logging.WARNING)
@@ -193,6 +216,7 @@ async def _ark_sdk(a: argparse.Namespace) -> dict[str, Any]:
     http = httpx.AsyncClient(
         limits=httpx.Limits(max_connections=a.c, max_keepalive_connections=a.c),
         timeout=httpx.Timeout(3600.0, connect=60.0),
+        verify=ssl_context(a),
     )
     client = AsyncArk(api_key=KEY, base_url=a.base + "/api/v3", timeout=3600, http_client=http)
     hist = LatencyHistogram()
@@ -225,6 +249,7 @@ async def _openai_async(a: argparse.Namespace) -> dict[str, Any]:
     http = openai.DefaultAsyncHttpxClient(
         limits=hx.Limits(max_connections=a.c, max_keepalive_connections=a.c),
         timeout=hx.Timeout(3600.0, connect=60.0),
+        verify=ssl_context(a),
     )
     client = openai.AsyncOpenAI(base_url=a.base + "/v1", api_key=KEY, http_client=http)
     hist = LatencyHistogram()
@@ -263,6 +288,7 @@ def beam_remote(a: argparse.Namespace) -> dict[str, Any]:
     from arkbatch_beam import WriteResults
 
     base_v1 = a.base + "/v1"
+    ca_bundle = a.ca_bundle
 
     class ChatHandler(RemoteModelHandler):
         def __init__(self) -> None:
@@ -271,7 +297,8 @@ def beam_remote(a: argparse.Namespace) -> dict[str, Any]:
         def create_client(self) -> Any:
             import openai
 
-            return openai.OpenAI(base_url=base_v1, api_key=KEY, max_retries=0)
+            http = openai.DefaultHttpxClient(verify=_ssl_from(ca_bundle))
+            return openai.OpenAI(base_url=base_v1, api_key=KEY, max_retries=0, http_client=http)
 
         def request(self, batch: Any, model: Any, inference_args: Any = None) -> Any:
             out = []
@@ -321,12 +348,14 @@ def beam_async_wrapper(a: argparse.Namespace) -> dict[str, Any]:
     from arkbatch_beam import WriteResults
 
     base_v1 = a.base + "/v1"
+    ca_bundle = a.ca_bundle
 
     class SyncChat(beam.DoFn):
         def setup(self) -> None:
             import openai
 
-            self.client = openai.OpenAI(base_url=base_v1, api_key=KEY, max_retries=2)
+            http = openai.DefaultHttpxClient(verify=_ssl_from(ca_bundle))
+            self.client = openai.OpenAI(base_url=base_v1, api_key=KEY, max_retries=2, http_client=http)
 
         def process(self, kv: Any):
             key, prompt = kv
@@ -366,6 +395,8 @@ def _ray(a: argparse.Namespace, tuned: bool) -> dict[str, Any]:
     """
     sampler = TreeSampler().start()
     t_start = time.perf_counter()
+    if a.ca_bundle:  # the docs' config takes no TLS option: its aiohttp default context reads this
+        os.environ["SSL_CERT_FILE"] = a.ca_bundle
     import ray
     from ray.data.llm import HttpRequestProcessorConfig
 
@@ -386,9 +417,10 @@ def _ray(a: argparse.Namespace, tuned: bool) -> dict[str, Any]:
         import aiohttp
 
         limit = a.c
+        ca_bundle = a.ca_bundle
 
         def session_factory() -> Any:
-            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit))
+            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, ssl=_ssl_from(ca_bundle)))
 
         ctx.max_tasks_in_flight_per_actor = a.ray_in_flight
         cfg = HttpRequestProcessorConfig(
@@ -475,8 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray_batch", type=int, default=16)
     p.add_argument("--ray_in_flight", type=int, default=4)
     p.add_argument("--budget", type=float, default=0.0, help="async pools: stop taking work after S s")
+    p.add_argument("--ca_bundle", default="", help="PEM of the CA to trust for an https:// --base")
+    p.add_argument("--uvloop", action="store_true", help="run asyncio contenders on uvloop's loop")
     a = p.parse_args(argv)
     BUDGET[0] = a.budget
+    if a.uvloop:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # every asyncio.run / new_event_loop
     fig = CONTENDERS[a.name](a)
     fig["contender"] = a.name
     print("BENCH_RESULT " + json.dumps(fig), flush=True)

@@ -1,4 +1,4 @@
-"""The benchmark: ``python -m benchmarks.run [--quick] [--only a,b] [--json out.json]``.
+"""The benchmark: ``python -m benchmarks.run [--quick] [--only a,b] [--tls] [--json out.json]``.
 
 Starts the in-package fake Ark server as a separate process on 127.0.0.1 (one process per
 latency setting: the machine has 2 cores, so one core serves and one runs the client), then
@@ -16,6 +16,12 @@ runs every contender in its own process, one after the other, against the same s
     ray_docs            Ray Data LLM HttpRequestProcessorConfig as its docs configure it
     ray_tuned           the same, tuned as far as its options allow
 
+With ``--tls`` the server serves HTTPS with a certificate from a throw-away test CA; every
+contender trusts it through its own option (``--ca_bundle``, an SSL context, or
+``SSL_CERT_FILE`` for the Go peer), never by turning verification off. Every run reports the
+connections the server accepted during it (over TLS: the handshakes), read from the
+server's ``GET /_fake/stats``.
+
 Settings: latency 0 (CPU-bound, C = first --concurrency), latency L > 0 with every C
 (server-bound: reports throughput / (C/L)), and a memory curve of our client and pipeline
 over --memory-ns. Each contender's process reports its own figures (see ``_contenders``);
@@ -32,10 +38,12 @@ import os
 import platform
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,22 +144,40 @@ def versions() -> dict[str, str]:
 class Server:
     """``python -m arkbatch_beam.testing.fake_server`` in its own process."""
 
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, tls: bool = False) -> None:
         self.latency = latency
+        self.tls = tls
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "arkbatch_beam.testing.fake_server", "--host", "127.0.0.1",
-             "--port", str(self.port), "--latency", str(latency), "--api-key", "bench-key"],
+             "--port", str(self.port), "--latency", str(latency), "--api-key", "bench-key",
+             *(["--tls"] if tls else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         )
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if "listening on" not in line:
             self.stop()
             raise RuntimeError(f"fake server did not start: {line!r}")
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.ca_bundle = ""
+        if tls:
+            ca_line = self.proc.stdout.readline() if self.proc.stdout else ""
+            if not ca_line.startswith("ca_bundle "):
+                self.stop()
+                raise RuntimeError(f"fake server named no CA: {ca_line!r}")
+            self.ca_bundle = ca_line.split(" ", 1)[1].strip()
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     def cpu(self) -> float:
         return proc_cpu_seconds(self.proc.pid)
+
+    def stats(self) -> dict[str, Any]:
+        """The server's counters (``GET /_fake/stats``, on a connection of its own: counted)."""
+        ctx = ssl.create_default_context(cafile=self.ca_bundle) if self.tls else None
+        with urllib.request.urlopen(self.base + "/_fake/stats", timeout=30, context=ctx) as resp:
+            return json.loads(resp.read())
+
+    def connections(self) -> int:
+        return int(self.stats()["connections_opened"])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -192,7 +218,7 @@ STALLED = -1000  # _spawn's exit code for a run killed because the server got no
 
 
 def _spawn(
-    cmd: list[str], timeout: float, alive: Callable[[], float] | None = None,
+    cmd: list[str], timeout: float, alive: Callable[[], float] | None = None, env: dict[str, str] | None = None,
 ) -> tuple[int, str, str, float, float]:
     """Run ``cmd``; returns (exit code, stdout, stderr, wall seconds, CPU seconds of the child).
 
@@ -203,7 +229,7 @@ def _spawn(
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err,
-                                env=dict(os.environ, PYTHONWARNINGS="ignore", RAY_DEDUP_LOGS="0"))
+                                env=dict(os.environ, PYTHONWARNINGS="ignore", RAY_DEDUP_LOGS="0", **(env or {})))
         deadline = t0 + timeout
         first_seen = last_seen = alive() if alive else 0.0
         last_moved, next_check = t0, t0 + 10.0
@@ -258,16 +284,24 @@ def _run_once(
     extra: Sequence[str], go_binary: str | None, timeout: float, max_wait: float, notes: list[str],
 ) -> dict[str, Any]:
     busy = wait_quiet(notes, limit=max_wait)
+    env: dict[str, str] = {}
     if name == "go_peer":
         assert go_binary is not None
         cmd = [go_binary, "-base", server.base + "/api/v3", "-n", str(n), "-c", str(c), "-budget", str(budget)]
+        if server.ca_bundle:  # Go's crypto/x509 reads its roots from SSL_CERT_FILE on Linux
+            env["SSL_CERT_FILE"] = server.ca_bundle
     else:
         cmd = [sys.executable, "-m", "benchmarks._contenders", name, "--base", server.base, "--n", str(n),
                "--c", str(c), "--data", data, "--workdir", workdir, "--budget", str(budget), *extra]
+        if server.ca_bundle:
+            cmd += ["--ca_bundle", server.ca_bundle]
+    conns0 = server.connections()
     s0 = server.cpu()
     m0 = _machine_busy_seconds()
-    code, stdout, stderr, elapsed, child_cpu = _spawn(cmd, timeout, alive=server.cpu)
+    code, stdout, stderr, elapsed, child_cpu = _spawn(cmd, timeout, alive=server.cpu, env=env)
     server_cpu = server.cpu() - s0
+    # minus the connection of this stats query itself
+    connections = server.connections() - conns0 - 1
     others = max(0.0, _machine_busy_seconds() - m0 - server_cpu - child_cpu) / max(elapsed, 1e-9)
     if code == -9:
         return {"contender": name, "error": f"timed out after {timeout:.0f}s"}
@@ -285,6 +319,7 @@ def _run_once(
     fig["process_cpu_s"] = round(child_cpu, 2)
     done = fig.get("completed") or 0
     fig["server_cpu_us_per_req"] = round(server_cpu / done * 1e6, 1) if done else None
+    fig["connections"] = connections
     fig["others_busy_cores_before"] = round(busy, 2)
     fig["others_cores_during"] = round(others, 2)
     fig["loadavg_before"] = loadavg()
@@ -314,7 +349,8 @@ def _show(fig: dict[str, Any]) -> None:
         f"p50 {fig.get('p50_ms') or 0:>8.2f} ms  p99 {fig.get('p99_ms') or 0:>8.2f} ms"
         + (f"  [{fig['ratio_cl']:.3f} x C/L]" if "ratio_cl" in fig else "")
         + (f"  start-up {fig['startup_s']} s" if "startup_s" in fig else "")
-        + (f"  sending {fig['sending_req_per_s']:.0f} req/s" if "sending_req_per_s" in fig else ""),
+        + (f"  sending {fig['sending_req_per_s']:.0f} req/s" if "sending_req_per_s" in fig else "")
+        + (f"  {fig['connections']} connections" if "connections" in fig else ""),
         flush=True,
     )
 
@@ -338,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ray-in-flight", type=int, default=4)
     p.add_argument("--max-wait", type=float, default=600.0,
                    help="wait at most S s for a quiet machine before each run (0: never wait, never re-run)")
+    p.add_argument("--tls", action="store_true",
+                   help="HTTPS: the server uses a test CA's certificate; contenders trust it via --ca_bundle "
+                   "(the Go peer via SSL_CERT_FILE)")
+    p.add_argument("--uvloop", action="store_true", help="run the Python asyncio contenders on uvloop")
     p.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--markdown", default=None, help="write the results tables (Markdown) to this file")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed)")
@@ -365,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": info,
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "loadavg_start": loadavg(), "runs": [], "memory": [], "skipped": {},
+        "tls": a.tls, "uvloop": a.uvloop,
     }
     print(f"machine: {info['cores']} cores, Python {info['python']}, apache-beam {info['apache-beam']}, "
           f"loadavg {loadavg()}", flush=True)
@@ -391,12 +432,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return datasets[n]
 
     def extra_for(name: str, c: int) -> list[str]:
+        loop = ["--uvloop"] if a.uvloop else []
         if name == "beam_remote":
-            return ["--threads", str(min(c, a.beam_threads))]
+            return ["--threads", str(min(c, a.beam_threads)), *loop]
         if name in ("ray_docs", "ray_tuned"):
             return ["--ray_actors", str(a.ray_actors), "--ray_batch", str(a.ray_batch),
-                    "--ray_in_flight", str(a.ray_in_flight)]
-        return []
+                    "--ray_in_flight", str(a.ray_in_flight), *loop]
+        return [] if name == "go_peer" else loop
 
     def concurrency_of(name: str, c: int) -> int:
         """How many requests a contender can really keep in flight (to size slow runs)."""
@@ -410,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         for lat in latencies:
-            server = Server(lat)
+            server = Server(lat, tls=a.tls)
             try:
                 settings = [cs[0]] if lat == 0 else cs
                 for c in settings:
@@ -418,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         title = f"latency 0 (CPU-bound), C={c}"
                     else:
                         title = f"latency {lat:g}s, C={c} (server-bound, C/L={c / lat:.0f} req/s)"
+                    title = ("HTTPS, " if a.tls else "") + title
                     print(f"\n== {title}  [server pid {server.proc.pid}, port {server.port}]", flush=True)
                     for name in usable:
                         if lat == 0:
@@ -448,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     "memory; see our_pipeline_fused for our own code's curve"})
                                 continue
                             fig = run_one(name, server, n, cs[0], data=data_for(n), workdir=workdir, budget=0,
-                                          timeout=3600, max_wait=a.max_wait)
+                                          extra=extra_for(name, cs[0]), timeout=3600, max_wait=a.max_wait)
                             fig.update(latency_s=0.0, concurrency=cs[0])
                             report["memory"].append(fig)
                             _show(fig)
@@ -477,14 +520,22 @@ def markdown(report: dict[str, Any]) -> str:
     """The figures as Markdown tables: one per setting, then the memory curve and the goals."""
     m = report["machine"]
     out = [f"Measured {report['date']} with `{report['command']}` on {m['cores']} cores, Python {m['python']}, "
-           f"apache-beam {m['apache-beam']}, aiohttp {m['aiohttp']}, {m['platform']}.", ""]
-    head = ("| contender | n | req/s | CPU µs/req | peak RSS MiB | p50 ms | p99 ms | notes |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---|")
+           f"apache-beam {m['apache-beam']}, aiohttp {m['aiohttp']}, {m['platform']}"
+           + (", over HTTPS (a test CA's certificate, trusted through --ca_bundle / SSL_CERT_FILE)"
+              if report.get("tls") else "")
+           + (", Python contenders on uvloop" if report.get("uvloop") else "") + ".", ""]
+    head = ("| contender | n | req/s | CPU µs/req | peak RSS MiB | p50 ms | p99 ms | connections | notes |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    base_rss = {r["contender"]: r for r in report["runs"] if r.get("latency_s") == 0 and "peak_rss_mb" in r}
 
     def row(r: dict[str, Any]) -> str:
         if "error" in r:
-            return f"| {r['contender']} | | | | | | | error: {r['error'][:160]} |"
+            return f"| {r['contender']} | | | | | | | | error: {r['error'][:160]} |"
         notes = []
+        zero = base_rss.get(r["contender"])
+        if r["latency_s"] > 0 and zero is not None and r["concurrency"] > zero["concurrency"]:
+            extra = (r["peak_rss_mb"] - zero["peak_rss_mb"]) * 1024 / (r["concurrency"] - zero["concurrency"])
+            notes.append(f"{extra:.0f} KiB per extra request in flight (vs latency 0, C = {zero['concurrency']})")
         if "ratio_cl" in r:
             notes.append(f"{r['ratio_cl']:.3f} x C/L")
         if "startup_s" in r:
@@ -497,7 +548,7 @@ def markdown(report: dict[str, Any]) -> str:
             notes.append(f"disturbed: others used {r['others_cores_during']} cores")
         return (f"| {r['contender']} | {r['completed']} | {r['req_per_s']:.0f} | {r['cpu_us_per_req'] or 0:.0f} | "
                 f"{r['peak_rss_mb']:.0f} | {r.get('p50_ms') or 0:.1f} | {r.get('p99_ms') or 0:.1f} | "
-                f"{'; '.join(notes)} |")
+                f"{r.get('connections', '')} | {'; '.join(notes)} |")
 
     seen: list[tuple[float, int]] = []
     for r in report["runs"]:
@@ -506,6 +557,7 @@ def markdown(report: dict[str, Any]) -> str:
             seen.append(key)
     for lat, c in seen:
         title = "latency 0 (CPU-bound)" if lat == 0 else f"latency {lat:g} s (server-bound, C/L = {c / lat:.0f} req/s)"
+        title = ("HTTPS, " if report.get("tls") else "") + title
         out += [f"### {title}, C = {c}", "", head]
         out += [row(r) for r in report["runs"] if (r["latency_s"], r["concurrency"]) == (lat, c)]
         out.append("")
@@ -542,6 +594,18 @@ def goals(report: dict[str, Any]) -> list[dict[str, str]]:
         out.append({"goal": goal, "status": "n/a" if ok is None else ("met" if ok else "MISSED"), "detail": detail})
 
     bare, ours, pipe = _get(runs, "bare_aiohttp", 0.0), _get(runs, "our_client", 0.0), _get(runs, "our_pipeline", 0.0)
+    if report.get("tls"):  # issue 17: over HTTPS, at every setting
+        for r in runs:
+            if r.get("contender") != "our_client" or "req_per_s" not in r:
+                continue
+            b = _get(runs, "bare_aiohttp", r["latency_s"], r["concurrency"])
+            if b:
+                ratio = r["req_per_s"] / b["req_per_s"]
+                add(f"HTTPS: our client >= 0.95 x bare aiohttp (latency {r['latency_s']:g}, C={r['concurrency']})",
+                    ratio >= 0.95, f"{ratio:.2f}x ({r['req_per_s']:.0f} vs {b['req_per_s']:.0f} req/s)")
+            if r["latency_s"] > 0 and r["concurrency"] >= 10_000 and "ratio_cl" in r:
+                add(f"HTTPS: our client server-bound >= 0.9 x C/L at C={r['concurrency']}", r["ratio_cl"] >= 0.9,
+                    f"{r['ratio_cl']:.3f} x C/L")
     if bare and ours:
         r = ours["req_per_s"] / bare["req_per_s"]
         add("our client >= 0.8 x bare aiohttp (latency 0)", r >= 0.8, f"{r:.2f}x")

@@ -652,3 +652,81 @@ def test_command_line_server_with_a_quota() -> None:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+# ---------------------------------------------------------------- HTTPS and connections
+
+
+def test_connections_opened_counts_connections_not_requests(srv: FakeArkServer) -> None:
+    assert srv.connections_opened == 0
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    with contextlib.closing(conn):
+        for _ in range(3):  # keep-alive: three requests, one connection
+            conn.request("POST", BATCH, body=orjson.dumps(chat("k")), headers=AUTH)
+            assert conn.getresponse().read()
+    post(srv, chat("k"))  # a new connection
+    assert (srv.total_requests, srv.connections_opened) == (4, 2)
+    assert srv.snapshot()["connections_opened"] == 2
+    srv.reset_counters()
+    assert srv.connections_opened == 0
+    with pytest.raises(RuntimeError, match="tls=True"):
+        _ = srv.ca_pem_path
+
+
+def test_tls_server_certificate_verifies_against_its_ca_only() -> None:
+    import ssl
+
+    with FakeArkServer(tls=True) as server:
+        assert server.base_url == f"https://127.0.0.1:{server.port}/api/v3"
+        assert server.openai_base_url == f"https://127.0.0.1:{server.port}/v1"
+        ca = server.ca_pem_path
+        assert Path(ca).read_text().startswith("-----BEGIN CERTIFICATE-----")
+        for host in ("127.0.0.1", "localhost"):  # the certificate names both
+            ctx = ssl.create_default_context(cafile=ca)
+            conn = http.client.HTTPSConnection(host, server.port, timeout=10, context=ctx)
+            with contextlib.closing(conn):
+                conn.request("POST", OPENAI, body=orjson.dumps(chat("tls")), headers=AUTH)
+                resp = conn.getresponse()
+                assert resp.status == 200
+                assert orjson.loads(resp.read())["choices"][0]["message"]["content"] == "echo: tls"
+        untrusted = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=10,
+                                                context=ssl.create_default_context())
+        with contextlib.closing(untrusted), pytest.raises(ssl.SSLCertVerificationError):
+            untrusted.request("POST", OPENAI, body=orjson.dumps(chat("tls")), headers=AUTH)
+        # the failed handshake is a connection too; no request got through
+        assert (server.connections_opened, server.total_requests) == (3, 2)
+    assert not Path(ca).exists()  # the CA's file is removed when the server stops
+
+
+def test_command_line_server_with_tls_and_stats() -> None:
+    import ssl
+
+    script = Path(fake_server.__file__)
+    cmd = [sys.executable, str(script), "--port", "0", "--api-key", "cli-key", "--tls"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("listening on https://127.0.0.1:")
+        port = int(line.rsplit(":", 1)[1])
+        ca_line = proc.stdout.readline().strip()
+        assert ca_line.startswith("ca_bundle ")
+        ctx = ssl.create_default_context(cafile=ca_line.split(" ", 1)[1])
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+        with contextlib.closing(conn):
+            conn.request("POST", CHAT, body=orjson.dumps(chat("cli")), headers={"Authorization": "Bearer cli-key"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and b"echo: cli" in resp.read()
+            conn.request("GET", "/_fake/stats")  # same connection
+            stats = orjson.loads(conn.getresponse().read())
+        assert stats["total_requests"] == 1 and stats["ok_responses"] == 1
+        assert stats["connections_opened"] == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()

@@ -41,3 +41,35 @@ def test_a_hard_limit_below_the_need_is_named_in_a_warning(caplog):
     assert raise_open_file_limit(need) == hard or raise_open_file_limit(need) == soft
     assert any("raise the hard limit" in r.getMessage() and "ulimit -Hn" in r.getMessage() for r in caplog.records)
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _post_once(url: str, ca_bundle: str | None):
+    import asyncio
+
+    from arkbatch_beam._attempt import HttpTransport
+
+    async def go():
+        t = HttpTransport(ClientConfig(Endpoint("m", base_url=url, api_key_env="", ca_bundle=ca_bundle)))
+        await t.start()
+        try:
+            status, _, _ = await t(b'{"model":"m","messages":[{"role":"user","content":"x"}]}', "r-1")
+            return status
+        finally:
+            await t.close()
+
+    return asyncio.run(go())
+
+
+def test_https_trusts_the_ca_bundle_or_ssl_cert_file_and_nothing_else(monkeypatch):
+    from arkbatch_beam._errors import CertificateError
+    from arkbatch_beam.testing import FakeArkServer
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with FakeArkServer(api_key=None, tls=True) as srv:
+        assert _post_once(srv.base_url, srv.ca_pem_path) == 200
+        with pytest.raises(CertificateError, match="CERTIFICATE_VERIFY_FAILED.*--ca_bundle"):
+            _post_once(srv.base_url, None)  # the system's store does not know the test CA
+        monkeypatch.setenv("SSL_CERT_FILE", srv.ca_pem_path)
+        assert _post_once(srv.base_url, None) == 200
+        assert srv.total_requests == 2  # the refused handshake sent nothing

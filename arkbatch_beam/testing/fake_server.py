@@ -42,6 +42,16 @@ Command line::
 
     python -m arkbatch_beam.testing.fake_server --port 8080 --latency 0.05
     python -m arkbatch_beam.testing.fake_server --port 8080 --rps 300 --tpm 600000
+    python -m arkbatch_beam.testing.fake_server --port 8443 --tls
+
+HTTPS: ``FakeArkServer(tls=True)`` (``--tls``) serves TLS with a certificate for
+``127.0.0.1``, ``::1`` and ``localhost`` (plus ``host``) issued by a throw-away test CA
+(``trustme``, from the test extra). The CA's PEM is written to ``ca_pem_path`` while the
+server runs (``--tls`` prints it on a second line, ``ca_bundle PATH``): clients trust it
+with ``--ca_bundle PATH`` or ``SSL_CERT_FILE=PATH``, never by turning verification off.
+``connections_opened`` counts accepted connections (over TLS: handshakes), so tests can
+check that clients keep their connections alive; ``GET /_fake/stats`` returns the counters
+as JSON for a server running in another process.
 
 Many concurrent connections: every connection uses a file descriptor in the
 process running the server (and one in the client). :meth:`FakeArkServer.start`
@@ -62,8 +72,12 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import random
+import shutil
 import signal
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -101,6 +115,7 @@ _ROUTES = (
     "/api/v3/chat/completions",
     "/v1/chat/completions",
 )
+_STATS_ROUTE = "/_fake/stats"
 
 
 def _error_body(status: int, code: str, message: str, param: str = "") -> bytes:
@@ -431,6 +446,37 @@ class _Quota:
     retry_after_step: float | None
 
 
+class _CountingSite(web.TCPSite):
+    """A TCP site that calls ``on_connection()`` for every connection it accepts.
+
+    The protocol factory handed to ``loop.create_server`` runs once per accepted socket
+    (before any TLS handshake), so this counts connections, not requests.
+    """
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, *,
+        backlog: int, ssl_context: ssl.SSLContext | None, on_connection: Callable[[], None],
+    ) -> None:
+        super().__init__(runner, host, port, backlog=backlog, ssl_context=ssl_context)
+        self._on_connection = on_connection
+
+    async def start(self) -> None:
+        """Register with the runner and listen, with the counting protocol factory."""
+        await web.BaseSite.start(self)  # registers the site with the runner
+        server = self._runner.server
+        assert server is not None
+        count = self._on_connection
+
+        def factory() -> asyncio.BaseProtocol:
+            count()
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            factory, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+        )
+
+
 class FakeArkServer:
     """A fake Ark / OpenAI-compatible chat-completions server in a background thread.
 
@@ -456,6 +502,9 @@ class FakeArkServer:
       refused by the pause or the quota, per client (see ``client_of``).
     * :meth:`timeline`: accepted and refused arrivals per time bin, in
       seconds since ``started_at`` (the ``clock`` reading at creation).
+    * ``connections_opened``: connections the server accepted (every
+      connection, whatever its requests; over TLS each one is a handshake:
+      the server resumes no session).
 
     Handling order of a request: count the arrival -> global pause (429 or the
     pause's status, no latency) -> quota (429, no latency) -> latency ->
@@ -474,6 +523,7 @@ class FakeArkServer:
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
         client_of: Callable[[str], str] | None = None,
+        tls: bool = False,
     ) -> None:
         """Configure the server; call :meth:`start` (or use ``with``) to run it.
 
@@ -493,6 +543,8 @@ class FakeArkServer:
                 message), for ``accepted_by_client`` / ``refused_by_client``;
                 by default the client is the ``X-Client-Request-Id`` up to its
                 last ``-`` (arkbatch's clients send ``<client>-<n>``).
+            tls: serve HTTPS with a certificate from a test CA made at
+                :meth:`start` (needs ``trustme``); its PEM is at ``ca_pem_path``.
         """
         self._expected_auth = (
             None if api_key is None else ("Bearer " + api_key).encode("utf-8")
@@ -506,6 +558,9 @@ class FakeArkServer:
         self.clock = clock
         self.client_of = client_of
         self.started_at = clock()
+        self.tls = bool(tls)
+        self._tls_dir: str | None = None
+        self._server_ssl: ssl.SSLContext | None = None
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -524,6 +579,7 @@ class FakeArkServer:
         self.ok_by_key: collections.Counter[str] = collections.Counter()
         self.client_request_ids: list[str] = []
         self.statuses: collections.Counter[int] = collections.Counter()
+        self.connections_opened = 0
 
         self.pause_started_at: float | None = None
         self.pause_ends_at: float | None = None
@@ -559,6 +615,8 @@ class FakeArkServer:
         if self._thread is not None:
             raise RuntimeError("FakeArkServer already started")
         _raise_nofile_limit()
+        if self.tls:
+            self._make_certificates()
         self._stopping = False
         self._start_error = None
         ready = threading.Event()
@@ -570,8 +628,34 @@ class FakeArkServer:
         if self._start_error is not None:
             self._thread.join()
             self._thread = None
+            self._remove_certificates()
             raise RuntimeError("FakeArkServer failed to start") from self._start_error
         return self
+
+    def _make_certificates(self) -> None:
+        """Issue a server certificate from a new test CA; write the CA's PEM to a temp folder."""
+        try:
+            import trustme
+        except ImportError as exc:  # pragma: no cover - the test extra installs it
+            raise RuntimeError(
+                "FakeArkServer(tls=True) needs trustme: pip install trustme (the test extra)"
+            ) from exc
+        ca = trustme.CA(organization_name="arkbatch FakeArkServer test CA")
+        names = ["127.0.0.1", "::1", "localhost"]
+        if self._host not in ("", "0.0.0.0", "::", *names):
+            names.append(self._host)
+        cert = ca.issue_cert(*names)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        self._tls_dir = tempfile.mkdtemp(prefix="fake-ark-ca-")
+        ca.cert_pem.write_to_path(os.path.join(self._tls_dir, "ca.pem"))
+        self._server_ssl = ctx
+
+    def _remove_certificates(self) -> None:
+        """Delete the CA's PEM (the server's certificate lives only in memory)."""
+        folder, self._tls_dir, self._server_ssl = self._tls_dir, None, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop the server: cancel held requests, close connections, join the thread."""
@@ -587,6 +671,7 @@ class FakeArkServer:
         self._thread = None
         self._loop = None
         self._runner = None
+        self._remove_certificates()
 
     def __enter__(self) -> Self:
         """Start the server."""
@@ -612,14 +697,46 @@ class FakeArkServer:
         return f"[{host}]" if ":" in host else host
 
     @property
+    def scheme(self) -> str:
+        """``"https"`` for a server made with ``tls=True``, else ``"http"``."""
+        return "https" if self.tls else "http"
+
+    @property
     def base_url(self) -> str:
-        """Ark base URL, e.g. ``http://127.0.0.1:PORT/api/v3``."""
-        return f"http://{self._url_host}:{self.port}/api/v3"
+        """Ark base URL, e.g. ``http://127.0.0.1:PORT/api/v3`` (``https://`` with ``tls=True``)."""
+        return f"{self.scheme}://{self._url_host}:{self.port}/api/v3"
 
     @property
     def openai_base_url(self) -> str:
         """OpenAI-compatible base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
-        return f"http://{self._url_host}:{self.port}/v1"
+        return f"{self.scheme}://{self._url_host}:{self.port}/v1"
+
+    @property
+    def ca_pem_path(self) -> str:
+        """The PEM file of the test CA that issued the server's certificate (``tls=True``).
+
+        Pass it as ``--ca_bundle`` / ``Endpoint.ca_bundle``, or as ``SSL_CERT_FILE``; the
+        file exists while the server runs.
+
+        Example:
+            >>> import http.client, json, ssl
+            >>> with FakeArkServer(api_key=None, tls=True) as srv:
+            ...     ctx = ssl.create_default_context(cafile=srv.ca_pem_path)
+            ...     conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx)
+            ...     for _ in range(2):  # one connection (one handshake), two requests
+            ...         conn.request("POST", "/api/v3/chat/completions",
+            ...                      b'{"messages": [{"role": "user", "content": "hi"}]}')
+            ...         answer = json.loads(conn.getresponse().read())
+            ...     conn.close()
+            ...     print(srv.base_url[:8], answer["choices"][0]["message"]["content"],
+            ...           srv.total_requests, srv.connections_opened)
+            https:// echo: hi 2 1
+        """
+        if not self.tls:
+            raise RuntimeError("FakeArkServer serves plain HTTP: make it with tls=True")
+        if self._tls_dir is None:
+            raise RuntimeError("FakeArkServer is not started")
+        return os.path.join(self._tls_dir, "ca.pem")
 
     def _run(self, ready: threading.Event) -> None:
         """Server thread body: run the event loop until :meth:`stop`."""
@@ -654,6 +771,7 @@ class FakeArkServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         for route in _ROUTES:
             app.router.add_post(route, self._handle)
+        app.router.add_get(_STATS_ROUTE, self._stats)
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -661,7 +779,14 @@ class FakeArkServer:
             shutdown_timeout=self._SHUTDOWN_TIMEOUT,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._requested_port, backlog=4096)
+        site = _CountingSite(
+            runner,
+            self._host,
+            self._requested_port,
+            backlog=4096,
+            ssl_context=self._server_ssl,
+            on_connection=self._count_connection,
+        )
         try:
             await site.start()
         except BaseException:
@@ -669,6 +794,24 @@ class FakeArkServer:
             raise
         self._runner = runner
         self._port = int(runner.addresses[0][1])
+
+    def _count_connection(self) -> None:
+        """Count an accepted connection (server thread)."""
+        with self._lock:
+            self.connections_opened += 1
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """``GET /_fake/stats``: the scalar counters as JSON (for a server in another process)."""
+        with self._lock:
+            stats = {
+                "total_requests": self.total_requests,
+                "ok_responses": self.ok_responses,
+                "in_flight": self.in_flight,
+                "peak_in_flight": self.peak_in_flight,
+                "connections_opened": self.connections_opened,
+                "requests_during_pause": self.requests_during_pause,
+            }
+        return web.Response(body=orjson.dumps(stats), content_type=_JSON_CT)
 
     async def _astop(self) -> None:
         """Wake held requests (they abort) and clean up the runner."""
@@ -915,6 +1058,7 @@ class FakeArkServer:
         with self._lock:
             self.total_requests = 0
             self.ok_responses = 0
+            self.connections_opened = 0
             self.peak_in_flight = self.in_flight
             self.attempts_by_key.clear()
             self.ok_by_key.clear()
@@ -950,6 +1094,7 @@ class FakeArkServer:
                 "quota_refusals": collections.Counter(self.quota_refusals),
                 "accepted_by_client": collections.Counter(self.accepted_by_client),
                 "refused_by_client": collections.Counter(self.refused_by_client),
+                "connections_opened": self.connections_opened,
             }
 
     # ------------------------------------------------------------------ handling
@@ -1264,6 +1409,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=0.1,
         help="quota refusals announce a Retry-After rounded up to this (default 0.1 s; 0: none)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS with a certificate from a test CA (needs trustme); "
+        "prints the CA's PEM file on a second line, 'ca_bundle PATH'",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -1281,6 +1432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         latency_jitter=args.latency_jitter,
         host=args.host,
         port=args.port,
+        tls=args.tls,
     )
     if args.rps is not None or args.tpm is not None:
         server.set_quota(
@@ -1292,7 +1444,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with server:
             host = server._url_host
-            print(f"listening on http://{host}:{server.port}", flush=True)
+            print(f"listening on {server.scheme}://{host}:{server.port}", flush=True)
+            if server.tls:
+                print(f"ca_bundle {server.ca_pem_path}", flush=True)
             while not stop.wait(0.5):
                 pass
     finally:
