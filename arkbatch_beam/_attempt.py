@@ -47,8 +47,8 @@ import orjson
 from ._config import ClientConfig, Keepalive
 from ._errors import (
     ArkError,
-    CertificateError,
     AttemptTimeout,
+    CertificateError,
     InvalidResponse,
     MissingApiKey,
     RateLimited,

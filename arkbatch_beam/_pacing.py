@@ -438,7 +438,7 @@ class PushbackGate:
         if restart:
             # Slow start: resume from a small window (adaptive: never above what the last cut
             # found the endpoint would take); each OK adds one slot.
-            restart_at = min(self._restart, self.max_concurrency)
+            restart_at: float = min(self._restart, self.max_concurrency)
             if self.adaptive:
                 restart_at = max(1.0, min(restart_at, self.ssthresh))
             self.limit = float(restart_at)
