@@ -16,7 +16,7 @@ Example:
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._attempt import read_secret, tls_context
+from ._attempt import is_loopback, read_secret, tls_context
 from ._client import ArkClient, parse_completion
 from ._config import (
     ARK_BASE_URL,
@@ -140,6 +140,7 @@ __all__ = [
     "InvalidOutput",
     "InvalidRequest",
     "InvalidResponse",
+    "is_loopback",
     "job_error_in",
     "JobError",
     "JobProgress",

@@ -163,7 +163,13 @@ _log_filter = _RedactingFilter()
 log.addFilter(_log_filter)
 
 
-def _is_loopback(url: str) -> bool:
+def is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (``localhost``, 127.0.0.0/8, ::1).
+
+    Example:
+        >>> is_loopback("https://127.0.0.1:8443/v1"), is_loopback("https://ark.example.com")
+        (True, False)
+    """
     host = urllib.parse.urlsplit(url).hostname or ""
     if host == "localhost":
         return True
@@ -267,7 +273,7 @@ def read_credentials(config: ClientConfig) -> tuple[dict[str, str], Redactor]:
         secrets.append(value)
     redactor = Redactor(secrets)
     _log_filter.add(redactor)
-    if secrets and ep.url.startswith("http://") and not _is_loopback(ep.url):
+    if secrets and ep.url.startswith("http://") and not is_loopback(ep.url):
         log.warning(
             "arkbatch: sending credentials over plain http:// to %s; anyone on the path can read "
             "them: use https://", urllib.parse.urlsplit(ep.url).hostname,

@@ -157,6 +157,12 @@ class InferDoFn(beam.DoFn):
         self._window = Metrics.gauge(NAMESPACE, "allowed_concurrency")
         self._ptok = Metrics.counter(NAMESPACE, "prompt_tokens")
         self._ctok = Metrics.counter(NAMESPACE, "completion_tokens")
+        self._ttok = Metrics.counter(NAMESPACE, "total_tokens")
+        self._cached = Metrics.counter(NAMESPACE, "cached_tokens")
+        self._rtok = Metrics.counter(NAMESPACE, "reasoning_tokens")
+        # Made on first use: failed_type_<error_type>, http_<status> (failures), attempts_<n> (n > 1),
+        # for summary.json when the workers run elsewhere (ok rows with one attempt cost nothing here).
+        self._named: dict[str, Any] = {}
         self._latency = Metrics.distribution(NAMESPACE, "latency_ms")
         # Once per bundle: min(first_send_ms) .. max(last_answer_ms) over the job is the time
         # spent sending, so the summary can tell the steady rate from start-up and shut-down.
@@ -276,6 +282,12 @@ class InferDoFn(beam.DoFn):
         if self._rt is not None and self._rt.fatal:
             raise EndpointUnusable(self._rt.fatal)
 
+    def _count(self, name: str) -> None:
+        counter = self._named.get(name)
+        if counter is None:
+            counter = self._named[name] = Metrics.counter(NAMESPACE, name)
+        counter.inc()
+
     def _emit(self, tag: Any, result: ChatResult) -> Any:
         self._outstanding -= 1
         window, timestamp, request = tag
@@ -285,12 +297,21 @@ class InferDoFn(beam.DoFn):
                 self._ptok.inc(result.prompt_tokens)
             if result.completion_tokens:
                 self._ctok.inc(result.completion_tokens)
+            if result.total_tokens:
+                self._ttok.inc(result.total_tokens)
+            if result.cached_tokens:
+                self._cached.inc(result.cached_tokens)
+            if result.reasoning_tokens:
+                self._rtok.inc(result.reasoning_tokens)
             if result.latency_ms is not None:
                 self._latency.update(int(result.latency_ms))
             if self._include_request:
                 result.request_json = request.raw or _json(request.body)
         else:
             self._failed.inc()
+            self._count(f"failed_type_{result.error_type or 'unknown'}")
+            if result.http_status is not None:
+                self._count(f"http_{result.http_status}")
             self._check_fatal()
         if request.columns_json is not None and result.columns_json is None:  # keep_columns
             result.columns_json = request.columns_json
@@ -298,4 +319,5 @@ class InferDoFn(beam.DoFn):
             result.request_sha256 = request_hash(request.body)
         if result.attempts > 1:
             self._retries.inc(result.attempts - 1)
+            self._count(f"attempts_{min(result.attempts, 100)}")
         return WindowedValue(_to_row(result), timestamp, (window,))

@@ -27,6 +27,8 @@ import difflib
 import json
 import logging
 import os
+import platform
+import ssl
 import sys
 import threading
 import time
@@ -58,6 +60,7 @@ from arkbatch_beam import (
     add_flags,
     flags,
     from_flags,
+    is_loopback,
     job_error_in,
     option,
     parse_input,
@@ -67,7 +70,9 @@ from arkbatch_beam import (
     tls_context,
     validate,
 )
-from arkbatch_beam.report import summarize, top_reasons
+from arkbatch_beam._bar import ProgressBar
+from arkbatch_beam._progress import Counts
+from arkbatch_beam.report import cost, load_run_summary, summarize, top_reasons
 
 log = logging.getLogger("arkbatch_beam")
 
@@ -97,6 +102,22 @@ class JobOptions:
                              "very large inputs; a repeated id is sent again; not with --resume")
     no_compact: bool = option(False, kind=bool, help="leave the parts; do not merge them at the end")
     no_preflight: bool = option(False, kind=bool, help="skip the endpoint reachability check")
+    quiet: bool = option(False, kind=bool, help="no progress bar and no progress lines from the workers that run "
+                         "in this process (summary.json is still written)")
+    log_level: str = option("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                            help="level of the arkbatch_beam logger (progress lines are INFO)")
+    price_input: float | None = option(None, kind=float, lo=0.0, hi=1e6,
+                                       help="price of a million input tokens, not cached (any currency; Ark's "
+                                       "batch price is half the online one): summary.json then holds the cost")
+    price_cached_input: float | None = option(None, kind=float, lo=0.0, hi=1e6,
+                                              help="price of a million cached input tokens (none: --price_input)")
+    price_output: float | None = option(None, kind=float, lo=0.0, hi=1e6,
+                                        help="price of a million output tokens (reasoning tokens included)")
+
+    @property
+    def prices(self) -> dict[str, float | None]:
+        """The prices per million tokens, by kind (``report.cost`` takes them)."""
+        return {"input": self.price_input, "cached_input": self.price_cached_input, "output": self.price_output}
 
     def __post_init__(self) -> None:
         validate(self)
@@ -246,8 +267,10 @@ def preflight(config: ClientConfig) -> None:
     ep = config.endpoint
     # No key on the probe: urllib would repeat it to wherever a redirect points.
     req = urllib.request.Request(ep.url, method="GET")
+    # The same trust as the workers: --ca_bundle, else the system's store (SSL_CERT_FILE honoured).
+    context = tls_context(config) if ep.url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(req, timeout=config.connect_timeout):
+        with urllib.request.urlopen(req, timeout=config.connect_timeout, context=context):
             return
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
@@ -255,7 +278,9 @@ def preflight(config: ClientConfig) -> None:
                         "if the requests fail too", ep.url)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UsageError(f"endpoint {ep.url} is unreachable: {reason}") from None
+        hint = (" (trust its CA with --ca_bundle PATH or SSL_CERT_FILE)"
+                if isinstance(reason, ssl.SSLCertVerificationError) else "")
+        raise UsageError(f"endpoint {ep.url} is unreachable: {reason}{hint}") from None
 
 
 def check_input(args: argparse.Namespace) -> list[Any]:
@@ -341,19 +366,24 @@ def _has_parts(output: str) -> bool:
     return any(part_files(FileSystems.join(output, d)) for d in (RESULTS_DIR, FAILURES_DIR))
 
 
-def _job_metrics(result: Any) -> tuple[dict[str, int], float | None]:
+def _job_metrics(result: Any, *, attempted: bool = False) -> tuple[dict[str, int], float | None]:
     """The job's ``arkbatch`` counters (summed over steps) and the seconds from its first send
-    to its last answer (``None`` when nothing was sent), from one metrics query."""
+    to its last answer (``None`` when nothing was sent), from one metrics query (``attempted``:
+    the values so far, for a job still running; else the committed ones)."""
     try:
         res = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     except Exception:  # noqa: BLE001 - some runners have no metrics
         return {}, None
+
+    def value(m: Any) -> Any:
+        return m.attempted if attempted else m.committed
+
     counters: dict[str, int] = {}
     for c in res["counters"]:
-        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(c.committed or 0)
-    dists = [d for d in res["distributions"] if d.committed]
-    firsts = [d.committed.min for d in dists if d.key.metric.name == "first_send_ms"]
-    lasts = [d.committed.max for d in dists if d.key.metric.name == "last_answer_ms"]
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(value(c) or 0)
+    dists = [(d.key.metric.name, value(d)) for d in res["distributions"] if value(d)]
+    firsts = [v.min for name, v in dists if name == "first_send_ms"]
+    lasts = [v.max for name, v in dists if name == "last_answer_ms"]
     span = max(0.0, (max(lasts) - min(firsts)) / 1000.0) if firsts and lasts else None
     return counters, span
 
@@ -402,7 +432,7 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, *, job: Job | Non
     # The job writes its own summary.json once its output is final, so a detached launcher
     # (--no_wait_until_finish, a Flex Template, a closed laptop) still gets one; a launcher that
     # waits then rewrites it with the job's counters.
-    _ = done | "Summary" >> beam.ParDo(_SummaryDoFn(output, job.config.describe()))
+    _ = done | "Summary" >> beam.ParDo(_SummaryDoFn(output, job.config.describe(), opts.prices, job_options(job)))
 
 
 def check_environment(job: Job) -> None:
@@ -429,7 +459,7 @@ def check_environment(job: Job) -> None:
             tls_context(job.config)
         except OSError as exc:
             raise UsageError(f"--ca_bundle: {exc}") from None
-    if job.config.timeout < 600 and not ep.base_url.startswith(("http://127.", "http://localhost")):
+    if job.config.timeout < 600 and not is_loopback(ep.base_url):
         log.warning("--timeout %gs is below Ark's advised 10 minutes for batch endpoints", job.config.timeout)
 
 
@@ -449,45 +479,291 @@ def check_output(job: Job) -> None:
         )
 
 
-def execute(job: Job, *, save_main_session: bool = False) -> tuple[Any, float]:
-    """Run the pipeline; the runner's result and the wall time."""
-    progress = JobProgress()
-    if runs_here(job) and job.config.progress_seconds:
-        # The workers run in this process: show their progress lines here, with a total.
-        logging.getLogger("arkbatch_beam").setLevel(logging.INFO)
+# How often the launcher rewrites OUTPUT/summary.json while it waits for the job, and samples
+# the timeline (rows done over time: the report's throughput figure) it holds.
+SUMMARY_SECONDS = 5.0
+SAMPLE_SECONDS = 1.0
+MAX_TIMELINE_POINTS = 1500  # then every other point goes and the sampling interval doubles
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def package_versions() -> dict[str, str]:
+    """The versions that made an output (recorded in ``summary.json``).
+
+    Example:
+        >>> sorted(package_versions())
+        ['aiohttp', 'apache-beam', 'arkbatch-beam', 'pyarrow', 'python']
+    """
+    from importlib import metadata
+
+    out = {}
+    for name in ("arkbatch-beam", "apache-beam", "aiohttp", "pyarrow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    out["python"] = platform.python_version()
+    return out
+
+
+def job_options(job: Job) -> dict[str, Any]:
+    """The job's own, input and output options as plain values (no key is ever among them; the
+    client's are :meth:`ClientConfig.describe`)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    out: dict[str, Any] = {}
+    for obj in (job.options, job.inputs, job.sink):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if v is None or isinstance(v, (str, int, float, bool)):
+                out.setdefault(f.name, v)
+    out["runner"] = PipelineOptions(list(job.beam_args)).view_as(StandardOptions).runner or "DirectRunner"
+    return out
+
+
+def counts_from_metrics(counters: dict[str, int], to_do: int | None = None) -> Counts:
+    """The job's Beam counters as :class:`Counts` (for runners whose workers run elsewhere).
+
+    Example:
+        >>> c = counts_from_metrics({"ok": 5, "failed": 1, "bad_input": 1, "failed_type_rejected": 1,
+        ...                          "http_400": 1, "attempts_2": 1, "retries": 1, "requests": 6})
+        >>> c.done, c.failures_by_type, c.attempts_histogram, c.by_http_status
+        (7, {'rejected': 1}, {'1': 5, '2': 1}, {'200': 5, '400': 1})
+    """
+    before = counters.get("bad_input", 0) + counters.get("duplicates", 0)
+    ok, failed = counters.get("ok", 0), counters.get("failed", 0)
+    attempts = {int(k[len("attempts_"):]): v for k, v in counters.items()
+                if k.startswith("attempts_") and k[len("attempts_"):].isdigit()}
+    if ok + failed - sum(attempts.values()) > 0:
+        attempts[1] = ok + failed - sum(attempts.values())
+    status = {"200": ok} if ok else {}
+    status.update({k[len("http_"):]: v for k, v in counters.items() if k.startswith("http_")})
+    return Counts(
+        ok=ok, failed=failed + before, failed_before_send=before,
+        attempts=counters.get("requests", 0) + counters.get("retries", 0),
+        paused_seconds=counters.get("paused_seconds", 0), throttled_seconds=counters.get("throttled_seconds", 0),
+        cuts=counters.get("window_cuts", 0), budget_waits=counters.get("budget_waits", 0), to_do=to_do,
+        tokens={k: counters.get(k, 0) for k in
+                ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")},
+        failures_by_type=dict(sorted(((k[len("failed_type_"):], v) for k, v in counters.items()
+                                      if k.startswith("failed_type_")), key=lambda kv: (-kv[1], kv[0]))),
+        by_http_status=dict(sorted(status.items(), key=lambda kv: -kv[1])),
+        attempts_histogram={str(k): v for k, v in sorted(attempts.items())},
+    )
+
+
+def run_figures(c: Counts, wall: float, source: str) -> dict[str, Any]:
+    """This run's figures from its counters (what it sent and was billed for, bundle retries
+    included), as ``summary.json["run"]`` holds them."""
+    return {
+        "source": source,
+        "rows": c.done, "requests": c.requests, "ok": c.ok, "failed": c.failed,
+        "failed_before_send": c.failed_before_send,
+        # Failure rows written without a request (bad input lines, duplicate ids) are "not_sent"
+        # here; the per-id figures name their types.
+        "failures_by_type": {**c.failures_by_type, **({"not_sent": c.failed_before_send}
+                                                      if c.failed_before_send else {})},
+        "http_status": dict(c.by_http_status),
+        "attempts": dict(c.attempts_histogram), "attempts_total": c.attempts, "retries": c.retries,
+        "in_flight": c.in_flight, "queued": c.queued, "waiting_to_retry": c.waiting_to_retry,
+        "latency_ms": c.latency_ms(),
+        "tokens": dict(c.tokens),
+        "paused_seconds": round(c.paused_seconds, 1), "throttled_seconds": round(c.throttled_seconds, 1),
+        "window_cuts": c.cuts, "budget_waits": c.budget_waits,
+        "rows_to_do": c.to_do,
+        "requests_per_second": round(c.requests / wall, 1) if wall > 0 else 0.0,
+        "tokens_per_second": round(c.tokens["total_tokens"] / wall, 1) if wall > 0 else 0.0,
+    }
+
+
+class LiveSummary:
+    """The launcher's ``summary.json`` while it waits: a daemon thread samples the job's counters
+    every ``SAMPLE_SECONDS`` (the timeline) and rewrites the file atomically every
+    ``SUMMARY_SECONDS`` with ``"state": "running"``; :func:`job_summary` writes the final one."""
+
+    def __init__(self, job: Job, progress: JobProgress) -> None:
+        self.job = job
+        self.progress = progress
+        self.result: Any = None  # set once the runner returns (a remote job: its metrics so far)
+        self.started = time.monotonic()
+        self.started_at = _now_iso()
+        self.timeline: list[list[float]] = []
+        self._every = SAMPLE_SECONDS
+        self._last_sample = -1e9
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.previous_runs = self._previous() if job.options.resume else []
+
+    def _previous(self) -> list[dict[str, Any]]:
+        old = load_run_summary(self.job.output)
+        if not old or not isinstance(old.get("run"), dict):
+            return list((old or {}).get("previous_runs") or [])
+        run = old["run"]
+        this_cost = ((old.get("cost") or {}).get("this_run") or {}).get("total")
+        return [*(old.get("previous_runs") or []), {
+            "started_at": old.get("started_at"), "state": old.get("state"), "wall_seconds": old.get("wall_seconds"),
+            "requests": run.get("requests"), "ok": run.get("ok"), "failed": run.get("failed"),
+            "tokens": run.get("tokens"), "cost": this_cost}]
+
+    def counts(self) -> tuple[Counts, str]:
+        """The run's counters now, and where they come from."""
+        c = self.progress.counts()
+        if c.runtimes or self.result is None or runs_here(self.job):
+            return c, "counters of the workers in this process"
+        counters, _ = _job_metrics(self.result, attempted=True)
+        return counts_from_metrics(counters, c.to_do), "the runner's metrics"
+
+    def sample(self, c: Counts | None = None) -> None:
+        """Add a timeline point: [seconds, rows done, ok, failed, total tokens]."""
+        c = c or self.counts()[0]
+        t = time.monotonic() - self.started
+        with self._lock:
+            self.timeline.append([round(t, 2), c.done, c.ok, c.failed, c.tokens["total_tokens"]])
+            if len(self.timeline) > MAX_TIMELINE_POINTS:
+                self.timeline = self.timeline[:-1:2] + self.timeline[-1:]
+                self._every *= 2
+
+    def base(self, wall: float) -> dict[str, Any]:
+        """What every summary.json the launcher writes holds besides the counts."""
+        job = self.job
+        with self._lock:
+            timeline = [list(p) for p in self.timeline]
+        return {
+            "started_at": self.started_at, "updated_at": _now_iso(), "wall_seconds": round(wall, 3),
+            "input": {"lines": self.progress.total()},
+            "resume": {"resumed": job.options.resume, "retry_failed": job.options.retry_failed},
+            "timeline_columns": ["seconds", "rows_done", "ok", "failed", "total_tokens"],
+            "timeline": timeline,
+            "previous_runs": self.previous_runs,
+            "config": job.config.describe(), "options": job_options(job), "versions": package_versions(),
+            "output": job.output,
+        }
+
+    def running(self) -> dict[str, Any]:
+        """summary.json while the job runs: the run's counters (per-id counts come at the end)."""
+        c, source = self.counts()
+        wall = time.monotonic() - self.started
+        fig = run_figures(c, wall, source)
+        summary = {
+            "state": "running", "written_by": "launcher",
+            "counts_from": "counters (the job is running: per-id counts from the output come when it ends)",
+            "ok": c.ok, "failed": c.failed, "failures_by_type": dict(c.failures_by_type),
+            "tokens": dict(c.tokens), "latency_ms": c.latency_ms(), "attempts": dict(c.attempts_histogram),
+            "requests": c.requests, "retries": c.retries, "paused_seconds": fig["paused_seconds"],
+            "throttled_seconds": fig["throttled_seconds"],
+            "requests_per_second": fig["requests_per_second"], "tokens_per_second": fig["tokens_per_second"],
+            "run": fig, **self.base(wall),
+        }
+        this_run = cost(c.tokens, self.job.options.prices)
+        if this_run is not None:
+            summary["cost"] = {"prices_per_million": self.job.options.prices, "this_run": this_run}
+        return summary
+
+    def start(self) -> None:
+        self.sample()  # the timeline starts at 0
+        self._thread = threading.Thread(target=self._run, name="arkbatch-summary", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last_write = time.monotonic()
+        while not self._stop.wait(SAMPLE_SECONDS):
+            try:
+                now = time.monotonic()
+                if now - self._last_sample >= self._every - 1e-3:
+                    self._last_sample = now
+                    self.sample()
+                if now - last_write >= SUMMARY_SECONDS:
+                    last_write = now
+                    save_summary(self.running())
+            except Exception:  # noqa: BLE001 - a summary that fails must not stop the job
+                log.debug("could not write the running summary.json", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def execute(job: Job, *, save_main_session: bool = False, live: LiveSummary | None = None) -> tuple[Any, float]:
+    """Run the pipeline; the runner's result and the wall time.
+
+    When the workers run in this process, the input is counted in the background (a total for
+    the progress and summary.json), and the progress shows as a bar on a terminal (stderr), else
+    as the runtimes' plain lines; ``--quiet`` shows neither. ``live`` (a :class:`LiveSummary`)
+    rewrites summary.json while the job runs.
+    """
+    progress = live.progress if live is not None else JobProgress()
+    bar: ProgressBar | None = None
+    if runs_here(job):
         count_in_background(job.args, check_input(job.args), progress)
+        show = not job.options.quiet and bool(job.config.progress_seconds)
+        tty = show and _stderr_is_tty()
+        if not show or tty:  # the bar replaces the runtimes' plain lines
+            job = dataclasses.replace(job, config=dataclasses.replace(job.config, progress_seconds=0))
+        if tty:
+            bar = ProgressBar(progress)
     options = PipelineOptions(list(job.beam_args), save_main_session=save_main_session)
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, job.args, job=job, progress=progress)
+    from apache_beam.options.pipeline_options import StandardOptions
+
     started = time.monotonic()
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, job.args, job=job, progress=progress)
-    return p.result, time.monotonic() - started
+    if live is not None:
+        live.start()
+    if bar is not None:
+        bar.start()
+    try:
+        result = p.run()  # in-process runners: returns when the job is done
+        if live is not None:
+            live.result = result
+        if not options.view_as(StandardOptions).no_wait_until_finish:
+            result.wait_until_finish()
+    finally:
+        if bar is not None:
+            bar.stop()
+        if live is not None:
+            live.stop()
+    return result, time.monotonic() - started
 
 
-def output_summary(output: str) -> dict[str, Any]:
-    """Per-id counts read back from the output (each custom_id once, by its final state), as
-    ``python -m arkbatch_beam.report`` says: what a user will find there."""
+def output_summary(output: str, prices: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """Per-id figures read back from the output (each custom_id once, by its final state), as
+    ``python -m arkbatch_beam.report`` says: what a user will find there; with ``prices``, the
+    cost of the whole output so far (each id's tokens once, however many runs wrote it)."""
     try:
         per_id = summarize(output)
     except Exception:  # noqa: BLE001 - e.g. a runner that wrote nowhere this process can read
         log.warning("could not read %s back for the per-id counts", output, exc_info=True)
         per_id = {"ok": 0, "failed": 0, "failures_by_type": {}, "duplicate_rows": 0, "tokens": {}}
-    return {
-        "ok": per_id["ok"],
-        "failed": per_id["failed"],
-        "failures_by_type": per_id["failures_by_type"],
-        "duplicate_rows": per_id["duplicate_rows"],
-        "tokens": per_id["tokens"],
-        "output": output,
-    }
+    out = {**per_id, "output": output}
+    whole = cost(out["tokens"], prices)
+    if whole is not None:
+        out["cost"] = {"prices_per_million": prices, "output": whole}
+    return out
 
 
 def save_summary(summary: dict[str, Any]) -> None:
-    """``OUTPUT/summary.json``, made visible whole (a temporary name, then a rename)."""
+    """``OUTPUT/summary.json``, made visible whole (a temporary name of its own, then a rename
+    over the old one: on a local disk an atomic replace, so a reader never finds it missing)."""
     output = summary["output"]
     final = FileSystems.join(output, "summary.json")
-    tmp = FileSystems.join(output, ".tmp-summary.json")
+    tmp = FileSystems.join(output, f".tmp-summary-{os.getpid()}-{threading.get_ident()}.json")
     with FileSystems.create(tmp) as f:
         f.write(json.dumps(summary, indent=2).encode())
+    if "://" not in output:
+        os.replace(tmp, final)
+        return
     if FileSystems.exists(final):
         FileSystems.delete([final])
     FileSystems.rename([tmp], [final])
@@ -496,39 +772,62 @@ def save_summary(summary: dict[str, Any]) -> None:
 class _SummaryDoFn(beam.DoFn):
     """The job's last step: summary.json from the final output (no launcher needed)."""
 
-    def __init__(self, output: str, config: dict[str, Any]) -> None:
+    def __init__(self, output: str, config: dict[str, Any], prices: dict[str, float | None] | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self._output = output
         self._config = config
+        self._prices = prices
+        self._options = options or {}
 
     def process(self, _done: Any) -> Any:
-        summary = {**output_summary(self._output), "written_by": "pipeline", "config": self._config}
+        summary = {"state": "done", **output_summary(self._output, self._prices), "written_by": "pipeline",
+                   "updated_at": _now_iso(), "config": self._config, "options": self._options,
+                   "versions": package_versions()}
         save_summary(summary)
         yield summary
 
 
-def job_summary(job: Job, result: Any, wall: float) -> dict[str, Any]:
-    """The job's summary: per-id counts read back from the output, plus the job's counters."""
+def job_summary(job: Job, result: Any, wall: float, live: LiveSummary | None = None) -> dict[str, Any]:
+    """The job's summary: per-id figures read back from the output (and the cost of the whole
+    output), plus this run's: the job's counters (in-process ones when the workers ran here,
+    else the runner's metrics), rates, the timeline, configuration and versions."""
     counters, span = _job_metrics(result)
-    requests = counters.get("requests", 0)
-    return {
-        **output_summary(job.output),
+    live = live or LiveSummary(job, JobProgress())
+    c, source = live.progress.counts(), "counters of the workers in this process"
+    if not c.runtimes:
+        c, source = counts_from_metrics(counters, c.to_do), "the runner's metrics"
+    live.sample(c)
+    requests = counters.get("requests", c.requests)
+    out = output_summary(job.output, job.options.prices)
+    fig = run_figures(c, wall, source)
+    summary = {
+        "state": "done",
+        **out,
         # Rows as written while the job ran (bundle retries and superseded failures included).
         "rows_written_ok": counters.get("rows_written_ok", 0),
         "rows_written_failed": counters.get("rows_written_failed", 0),
-        "wall_seconds": round(wall, 3),
         "requests": requests,
         "requests_per_second": round(requests / wall, 1) if wall > 0 else 0.0,
+        "tokens_per_second": fig["tokens_per_second"],
         # First send to last answer: the steady rate, without start-up and compaction.
         "sending_seconds": None if span is None else round(span, 3),
         "sending_requests_per_second": round(requests / span, 1) if span else None,
-        **{name: counters.get(name, 0) for name in ("retries", "skipped_done", "duplicates")},
+        "retries": counters.get("retries", c.retries),
+        **{name: counters.get(name, 0) for name in ("skipped_done", "duplicates")},
         # Pacing: seconds paused by the server, throttled (paused, waiting for a budget or a
         # permit, or held below the cap by the adaptive window), window cuts, budget waits.
         **{name: counters.get(name, 0)
            for name in ("paused_seconds", "throttled_seconds", "window_cuts", "budget_waits")},
+        "run": fig,
         "written_by": "launcher",
-        "config": job.config.describe(),
+        **live.base(wall),
     }
+    summary["resume"]["skipped_done"] = summary["skipped_done"]
+    this_run = cost(c.tokens, job.options.prices)
+    if this_run is not None:
+        summary["cost"] = {**summary.get("cost", {}), "prices_per_million": job.options.prices,
+                           "this_run": this_run}
+    return summary
 
 
 def write_summary(summary: dict[str, Any]) -> None:
@@ -540,10 +839,13 @@ def write_summary(summary: dict[str, Any]) -> None:
         log.warning("could not write summary.json", exc_info=True)
     reasons = top_reasons(summary)
     span = summary["sending_seconds"]
+    total_cost = (summary.get("cost") or {}).get("this_run", {}).get("total")
     print(
         f"summary: ok={summary['ok']} failed={summary['failed']} " + (f"({reasons}) " if reasons else "")
         + f"wall={summary['wall_seconds']:.1f}s req/s={summary['requests_per_second']}"
         + (f" (sending {span:.1f}s at {summary['sending_requests_per_second']} req/s)" if span else "")
+        + f" tokens={summary['run']['tokens']['total_tokens']}"
+        + (f" cost={total_cost:g}" if total_cost is not None else "")
         + f" skipped={summary['skipped_done']}"
         + (f" duplicate_rows={summary['duplicate_rows']}" if summary["duplicate_rows"] else "")
         + f" output={output}",
@@ -557,20 +859,22 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
     args, beam_args = build_parser().parse_known_args(argv)
     check_unknown_flags(beam_args)
     job = configure(args, beam_args)
+    logging.getLogger("arkbatch_beam").setLevel(job.options.log_level)
     check_environment(job)
     files = check_input(args)
     check_model(args, files, job.inputs)
     if not job.options.no_preflight:
         preflight(job.config)
     check_output(job)
-    result, wall = execute(job, save_main_session=save_main_session)
+    live = None if detached(job) else LiveSummary(job, JobProgress())
+    result, wall = execute(job, save_main_session=save_main_session, live=live)
     if detached(job):
         # The job goes on without us (--no_wait_until_finish, a Flex Template): its last step
         # writes OUTPUT/summary.json; nothing here waits for it.
         print(f"submitted: the job writes {job.output}/summary.json when it ends "
               f"(python -m arkbatch_beam.report {job.output} reads the output at any time)", flush=True)
         return {"output": job.output, "written_by": "pipeline", "submitted": True}
-    summary = job_summary(job, result, wall)
+    summary = job_summary(job, result, wall, live)
     write_summary(summary)
     return summary
 

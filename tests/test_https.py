@@ -56,12 +56,8 @@ def test_cli_over_https_with_ca_bundle(tls_server, tmp_path):
     assert tls_server.connections_opened <= CONCURRENCY + 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the launcher's preflight probe (pipelines/batch_chat.py preflight) opens its GET with urllib's "
-    "default context, not tls_context(config): --ca_bundle is not trusted there",
-)
 def test_cli_preflight_trusts_the_ca_bundle(tls_server, tmp_path):
+    # Before: the launcher's GET probe used urllib's default trust, so --ca_bundle jobs exited 2.
     inp = write_jsonl(tmp_path / "in.jsonl", 5)
     out = str(tmp_path / "out")
     assert batch_chat.main(argv(tls_server, inp, out, "--ca_bundle", tls_server.ca_pem_path)) == 0

@@ -3,6 +3,9 @@ when the job's size is known (the CLI counts the inputs for in-process runners).
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -99,3 +102,65 @@ def test_a_request_backing_off_does_not_hold_a_worker(server):
     assert all(done[r.custom_id].ok for r in slow + fast)
     assert server.attempts_by_key["slow 0"] == server.attempts_by_key["slow 1"] == 2
     assert server.peak_in_flight <= 2
+
+
+def _cli(server, tmp_path, *extra):
+    tmp_path.mkdir(exist_ok=True)
+    inp = write_jsonl(tmp_path / "in.jsonl", 60, extra=["{broken"])
+    return [sys.executable, "-m", "pipelines.batch_chat", "--input", inp, "--output", str(tmp_path / "out"),
+            "--model", "ep-bar", "--base_url", server.base_url, "--api_key_env", KEY_ENV,
+            "--max_concurrency", "8", "--timeout", "60", *extra]
+
+
+def _root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_progress_bar_in_a_pseudo_terminal(server, tmp_path):
+    """On a terminal: a tqdm bar with done/total, ok/failed and rates, instead of the plain lines."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+    proc = subprocess.Popen(_cli(server, tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=follower, cwd=_root(), env={**os.environ})
+    os.close(follower)
+    screen = b""
+    while True:  # until the child closes the terminal
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: every writer is gone
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    stdout = proc.stdout.read().decode()
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0, screen.decode(errors="replace")[-2000:]
+    text = screen.decode(errors="replace")
+    last = text.replace("\r\n", "\r").split("\r")
+    final = [s for s in last if "61/61" in s]
+    assert final, text[-2000:]
+    assert "arkbatch: 100%|" in final[-1] and "req/s]" in final[-1]
+    assert "ok=60 failed=1 in_flight=0" in final[-1] and "tok/s=" in final[-1]  # the bad line counts
+    assert "arkbatch progress (pid" not in text  # the bar replaces the plain lines
+    assert "summary: ok=60 failed=1" in stdout
+
+
+def test_plain_lines_when_not_a_terminal_and_quiet_shows_neither(server, tmp_path):
+    proc = subprocess.run(_cli(server, tmp_path, "--progress_seconds", "1"), capture_output=True, text=True,
+                          timeout=240, cwd=_root(), env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [s for s in proc.stderr.splitlines() if "arkbatch progress (pid" in s]
+    assert lines and lines[-1].endswith("(final)") and "done=61 ok=60 failed=1 " in lines[-1]
+    assert "%|" not in proc.stderr and "\r" not in proc.stderr
+    quiet = subprocess.run(_cli(server, tmp_path / "q", "--quiet", "--log_level", "WARNING"),
+                           capture_output=True, text=True, timeout=240, cwd=_root(), env={**os.environ})
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "arkbatch progress" not in quiet.stderr and "%|" not in quiet.stderr
+    assert "INFO" not in quiet.stderr and "summary: ok=60 failed=1" in quiet.stdout
+
