@@ -8,7 +8,8 @@ python3 -m ruff check .
 python3 -m mypy  # strict on the public API (pyproject.toml)
 # Debian's chromium, for the report page's headless-browser test (it skips only without one).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || true
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+    >/dev/null 2>&1 || true
 fi
 # Beam's Flink job server for tests/test_flink.py, cached outside the repo (never committed).
 if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then
