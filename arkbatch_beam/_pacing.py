@@ -5,8 +5,12 @@ plain semaphore, Ark's client-side "breaker" and a hand-tuned rate flag:
 
 * **Adaptive window (AIMD, ``pacing="adaptive"``, the default).** At most ``limit``
   requests are in flight, never above ``max_concurrency`` and never below 1. ``limit`` starts
-  at a slow-start value and grows by one per clean answer (a doubling per round trip) up to
-  ``ssthresh``, then by a third of a slot per round trip (``ALPHA``). Pushback
+  at a slow-start value and grows by one per accepted request (a doubling per round trip) up
+  to ``ssthresh``, then by a third of a slot per round trip (``ALPHA``). A request is
+  *accepted* when it comes back ``ok``, or when it has been in flight ``ACCEPT_AFTER`` seconds
+  without a refusal (a server that holds requests for minutes or hours answers late, but
+  refuses at once; a held one grows it by 2 in slow start, as it keeps its slot): the window
+  opens as fast for held requests as for quick ones. Pushback
   (a 429, a 503, a ``Retry-After``, or latency rising well past its running baseline) cuts it
   to half, at most once per round trip (only a request admitted after the last cut can cut
   again). Several processes sharing one quota this way converge to fair shares with few
@@ -81,6 +85,9 @@ BROAD_SHARE = 0.75  # ... at least this share refused: a broad refusal
 LATENCY_SAMPLES = 32  # answers before latency can signal congestion
 LATENCY_RISE = 3.0  # the recent latency this many times its baseline is pushback
 MAX_SLOT_HOLD = 2.0  # the longest a refused attempt keeps its slot (seconds)
+# A request in flight this long without a refusal counts as accepted for the window's growth
+# (refusals come back within a round trip; an answer held by the server may take hours).
+ACCEPT_AFTER = 1.0
 
 
 class PushbackGate:
@@ -136,6 +143,11 @@ class PushbackGate:
         self.cuts = 0
         self.in_flight = 0
         self._seq = 0  # admission counter: a ticket is the seq number of its admission
+        # Admissions that may still grow the window (ticket -> admitted at), oldest first: each
+        # grows it once, when it comes back ok or after ACCEPT_AFTER in flight, whichever is
+        # first (a request accepted while the window is at the cap grows nothing).
+        self._unaccepted: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._accept_timer: Any = None
         self.on_wake = on_wake
         self._wanted = False  # a try_acquire was refused since the last wake
         # Lone or broad: the last outcomes that said something about load (True = refused).
@@ -206,6 +218,8 @@ class PushbackGate:
 
     def _budget_due(self) -> float:
         """Seconds until the budgets allow one more admission (0: now). Refills the buckets."""
+        if self.max_rate is None and self.max_tokens_per_minute is None:
+            return 0.0
         now = self.now()
         due = 0.0
         if self.max_rate is not None:
@@ -242,13 +256,12 @@ class PushbackGate:
 
     def _note_throttled(self, why: str | None) -> None:
         """Sum the time callers wait for a reason other than the cap itself."""
-        now = self.now()
-        throttled = why in ("window", "held", "pause", "budget", "permit")
+        throttled = why is not None and why != "cap"
         if self._throttled_since is not None and not throttled:
-            self.throttled_seconds += now - self._throttled_since
+            self.throttled_seconds += self.now() - self._throttled_since
             self._throttled_since = None
         elif throttled and self._throttled_since is None:
-            self._throttled_since = now
+            self._throttled_since = self.now()
 
     def throttled_so_far(self) -> float:
         """``throttled_seconds`` including a wait still going on."""
@@ -268,6 +281,10 @@ class PushbackGate:
             self._permits.take()
         self.in_flight += 1
         self._seq += 1
+        if self.adaptive or self.limit < self.max_concurrency:
+            self._unaccepted[self._seq] = self.now()
+            if self._accept_timer is None:
+                self._arm_accept_timer()
         return self._seq
 
     def permits_arrived(self) -> None:
@@ -335,13 +352,13 @@ class PushbackGate:
             self.in_flight -= 1
         if tokens is not None and self.max_tokens_per_minute is not None:
             self._tpm += cost - tokens
+        unaccepted = self._unaccepted.pop(ticket, None) is not None
         if outcome == OK:
             self._recent.append(False)
             if latency is not None and self._latency_rose(latency):
                 self._cut(ticket)
-            elif self.limit < self.max_concurrency:  # (fixed: only after a pause's restart)
-                step = 1.0 if self.limit < self.ssthresh or not self.adaptive else ALPHA / self.limit
-                self.limit = min(float(self.max_concurrency), self.limit + step)
+            elif unaccepted:
+                self._grow()
             if self._hold_seq >= 0 and ticket > self._hold_seq and self.paused:
                 # A request sent after the refused one was served: not a pause. Reopen now.
                 self.lifted_early += 1
@@ -353,6 +370,46 @@ class PushbackGate:
             if retry_after is not None and retry_after > 0 and (outcome == OVERLOADED or self._broad()):
                 self._pause(ticket, retry_after)
         self._wake()
+
+    def _grow(self, held: bool = False) -> None:
+        """One request accepted: +1 below ``ssthresh`` (slow start), else ``ALPHA`` per window
+        (``fixed`` grows only back to the cap after a pause's restart).
+
+        A request still ``held`` by the server keeps its slot, where an answered one frees it
+        for the next: below ``ssthresh`` it grows the window by 2, so a window of held requests
+        doubles per ACCEPT_AFTER as a window of answered ones does per round trip.
+        """
+        if self.limit < self.ssthresh or not self.adaptive:
+            step = 2.0 if held else 1.0
+        else:
+            step = ALPHA / self.limit
+        self.limit = min(float(self.max_concurrency), self.limit + step)
+
+    def _arm_accept_timer(self) -> None:
+        call_at = self._call_at or self._get_loop().call_at
+        oldest = next(iter(self._unaccepted.values()))
+        # At most a few firings per ACCEPT_AFTER, however many requests age meanwhile.
+        when = max(oldest + ACCEPT_AFTER, self.now() + ACCEPT_AFTER / 4)
+        self._accept_timer = call_at(when, self._on_accept_timer)
+
+    def _on_accept_timer(self) -> None:
+        """Requests in flight ACCEPT_AFTER without a refusal: each grows the window once."""
+        self._accept_timer = None
+        due = self.now() - ACCEPT_AFTER
+        pending = self._unaccepted
+        grew = False
+        while pending:
+            ticket, admitted = next(iter(pending.items()))
+            if admitted > due:
+                break
+            del pending[ticket]
+            if self.limit < self.max_concurrency:
+                self._grow(held=True)
+                grew = True
+        if pending:
+            self._arm_accept_timer()
+        if grew:
+            self._wake()
 
     def _hold_slot(self, retry_after: float | None) -> None:
         """A refused attempt keeps its slot for the wait the server named (or one round trip).
@@ -450,7 +507,8 @@ class PushbackGate:
         for handle in self._holds:
             handle.cancel()
         self._holds.clear()
-        for name in ("_timer", "_budget_timer"):
+        self._unaccepted.clear()
+        for name in ("_timer", "_budget_timer", "_accept_timer"):
             handle = getattr(self, name)
             if handle is not None:
                 handle.cancel()

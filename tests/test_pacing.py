@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from arkbatch_beam._pacing import ALPHA, BETA, MAX_SLOT_HOLD, NEUTRAL, OK, OVERLOADED, REFUSED, PushbackGate
+from arkbatch_beam._pacing import ACCEPT_AFTER, ALPHA, BETA, MAX_SLOT_HOLD, NEUTRAL, OK, OVERLOADED, REFUSED, PushbackGate
 
 
 class FakeClock:
@@ -470,5 +470,57 @@ def test_a_refused_attempt_keeps_its_slot_so_refusals_come_no_faster_than_the_wa
                 gate.release(t, REFUSED, retry_after=0.1)
             clock.advance(0.01)
         assert sent <= 10 * 11  # each of 10 slots sends at most once per 0.1 s
+
+    run(main())
+
+
+def test_the_window_opens_while_the_server_holds_requests():
+    """Ark holds batch requests for minutes or hours: the window must not wait for answers to
+    grow (it would double once per hold). A request in flight ACCEPT_AFTER without a refusal
+    counts as accepted."""
+
+    async def main():
+        clock = FakeClock()
+        gate = make(10_000, clock, pacing="adaptive")
+        held = []
+        seen = []
+        for _ in range(40):  # 20 s of a server that answers nothing (a one-hour hold)
+            while (t := gate.try_acquire()) is not None:
+                held.append(t)
+            seen.append(gate.in_flight)
+            clock.advance(0.5)
+        assert seen[0] == 8
+        # Doubling per ACCEPT_AFTER: 8 -> 10,000 in about log2(1250) ~ 10.3 of them.
+        assert gate.in_flight == 10_000
+        assert seen.index(10_000) * 0.5 <= 12 * ACCEPT_AFTER
+        # Each admission grew the window once: their answers, an hour later, grow nothing more.
+        gate.limit = 500.0
+        for t in held[:100]:
+            gate.release(t, OK)
+        assert gate.limit == 500.0
+
+    run(main())
+
+
+def test_a_refusal_before_acceptance_grows_nothing():
+    async def main():
+        clock = FakeClock()
+        gate = make(1000, clock, pacing="adaptive")
+        tickets = [gate.try_acquire() for _ in range(8)]
+        assert gate.try_acquire() is None
+        clock.advance(ACCEPT_AFTER / 2)
+        for t in tickets:
+            gate.release(t, NEUTRAL)  # e.g. 500s: no signal, and never accepted
+        for _ in range(10):
+            clock.advance(ACCEPT_AFTER)
+        assert gate.limit == 8.0
+        tickets = [gate.try_acquire() for _ in range(8)]
+        clock.advance(ACCEPT_AFTER / 2)
+        gate.release(tickets[0], REFUSED)
+        for t in tickets[1:]:
+            gate.release(t, NEUTRAL)
+        for _ in range(10):
+            clock.advance(ACCEPT_AFTER)
+        assert gate.limit == pytest.approx(4.0)  # cut (leaving slow start halves), never grown
 
     run(main())
