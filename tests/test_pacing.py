@@ -4,7 +4,17 @@ import asyncio
 
 import pytest
 
-from arkbatch_beam._pacing import ACCEPT_AFTER, ALPHA, BETA, MAX_SLOT_HOLD, NEUTRAL, OK, OVERLOADED, REFUSED, PushbackGate
+from arkbatch_beam._pacing import (
+    ACCEPT_AFTER,
+    ALPHA,
+    BETA,
+    MAX_SLOT_HOLD,
+    NEUTRAL,
+    OK,
+    OVERLOADED,
+    REFUSED,
+    PushbackGate,
+)
 
 
 class FakeClock:
