@@ -87,7 +87,7 @@ LATENCY_RISE = 3.0  # the recent latency this many times its baseline is pushbac
 MAX_SLOT_HOLD = 2.0  # the longest a refused attempt keeps its slot (seconds)
 # A request in flight this long without a refusal counts as accepted for the window's growth
 # (refusals come back within a round trip; an answer held by the server may take hours).
-ACCEPT_AFTER = 1.0
+ACCEPT_AFTER = 0.5
 
 
 class PushbackGate:

@@ -120,7 +120,7 @@ def bare_aiohttp(a: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- 2. our async client --------------------------------------------------------------------
-async def _our_client(a: argparse.Namespace) -> dict[str, Any]:
+async def _our_client(a: argparse.Namespace, pacing: str = "adaptive") -> dict[str, Any]:
     from arkbatch_beam import ArkClient, ChatRequest, ClientConfig, Endpoint
 
     os.environ["BENCH_ARK_KEY"] = KEY
@@ -128,6 +128,7 @@ async def _our_client(a: argparse.Namespace) -> dict[str, Any]:
         Endpoint(MODEL, base_url=a.base + "/api/v3", api_key_env="BENCH_ARK_KEY", ca_bundle=a.ca_bundle or None),
         max_concurrency=a.c,
         timeout=3600,
+        pacing=pacing,
     )
     hist = LatencyHistogram()
     async with ArkClient(cfg) as client:
@@ -145,6 +146,12 @@ async def _our_client(a: argparse.Namespace) -> dict[str, Any]:
 
 def our_client(a: argparse.Namespace) -> dict[str, Any]:
     return asyncio.run(_our_client(a))
+
+
+def our_client_fixed(a: argparse.Namespace) -> dict[str, Any]:
+    """Our client with ``pacing="fixed"``: all C in flight at once, as Ark's Go SDK does (no
+    adaptive window ramping up from 8)."""
+    return asyncio.run(_our_client(a, pacing="fixed"))
 
 
 # -- 3. our pipeline (JSONL -> Parquet on the DirectRunner) ---------------------------------
@@ -483,6 +490,7 @@ def ray_tuned(a: argparse.Namespace) -> dict[str, Any]:
 CONTENDERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "bare_aiohttp": bare_aiohttp,
     "our_client": our_client,
+    "our_client_fixed": our_client_fixed,
     "our_pipeline": our_pipeline,
     "our_pipeline_fused": our_pipeline_fused,
     "ark_sdk": ark_sdk,

@@ -6,6 +6,7 @@ runs every contender in its own process, one after the other, against the same s
 
     bare_aiohttp        the Python floor: one aiohttp session, C worker coroutines
     our_client          ArkClient.complete from C worker coroutines (max_concurrency=C)
+    our_client_fixed    the same with pacing="fixed" (all C in flight at once, no adaptive ramp)
     our_pipeline        pipelines.batch_chat.run: JSONL -> BatchChatInference -> Parquet
     our_pipeline_fused  the same DoFns without the dedupe shuffle (the memory curve)
     ark_sdk             volcenginesdkarkruntime.AsyncArk, batch.chat.completions.create
@@ -54,10 +55,10 @@ GO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "go_peer")
 GO_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "arkbatch-bench", "go")
 
 ALL = [
-    "bare_aiohttp", "our_client", "our_pipeline", "our_pipeline_fused", "ark_sdk", "openai_async",
+    "bare_aiohttp", "our_client", "our_client_fixed", "our_pipeline", "our_pipeline_fused", "ark_sdk", "openai_async",
     "go_peer", "beam_remote", "beam_async_wrapper", "ray_docs", "ray_tuned",
 ]
-NO_OPTIONAL_DEPS = ["bare_aiohttp", "our_client", "our_pipeline"]
+NO_OPTIONAL_DEPS = ["bare_aiohttp", "our_client", "our_client_fixed", "our_pipeline"]
 OPTIONAL_IMPORTS = {
     "ark_sdk": "volcenginesdkarkruntime",
     "openai_async": "openai",
@@ -363,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=None, help="requests per latency-0 run (default 100000)")
     p.add_argument("--concurrency", default="100,1000,3000", help="C values; latency-0 runs use the first")
     p.add_argument("--latency", default="0,1.0", help="server latencies in seconds; 0 = CPU-bound")
+    p.add_argument("--held", default="",
+                   help="C values of the latency > 0 runs (default: those of --concurrency)")
     p.add_argument("--waves", type=int, default=None, help="server-bound runs send waves x C requests (default 20)")
     p.add_argument("--budget", type=float, default=None,
                    help="async contenders stop taking work after S s (default 40)")
@@ -388,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown contender(s) {unknown}; choose from {ALL}")
     cs = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    held = [int(x) for x in a.held.split(",") if x.strip()] if a.held else None
     latencies = [float(x) for x in a.latency.split(",") if x.strip()]
     n0 = a.n or (300 if a.quick else 100_000)
     waves = a.waves or (2 if a.quick else 20)
@@ -454,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for lat in latencies:
             server = Server(lat, tls=a.tls)
             try:
-                settings = [cs[0]] if lat == 0 else cs
+                settings = [cs[0]] if lat == 0 else (held or cs)
                 for c in settings:
                     if lat == 0:
                         title = f"latency 0 (CPU-bound), C={c}"
@@ -596,15 +600,16 @@ def goals(report: dict[str, Any]) -> list[dict[str, str]]:
     bare, ours, pipe = _get(runs, "bare_aiohttp", 0.0), _get(runs, "our_client", 0.0), _get(runs, "our_pipeline", 0.0)
     if report.get("tls"):  # issue 17: over HTTPS, at every setting
         for r in runs:
-            if r.get("contender") != "our_client" or "req_per_s" not in r:
+            who = {"our_client": "our client", "our_client_fixed": "our client (fixed pacing)"}.get(r.get("contender"))
+            if who is None or "req_per_s" not in r:
                 continue
             b = _get(runs, "bare_aiohttp", r["latency_s"], r["concurrency"])
             if b:
                 ratio = r["req_per_s"] / b["req_per_s"]
-                add(f"HTTPS: our client >= 0.95 x bare aiohttp (latency {r['latency_s']:g}, C={r['concurrency']})",
+                add(f"HTTPS: {who} >= 0.95 x bare aiohttp (latency {r['latency_s']:g}, C={r['concurrency']})",
                     ratio >= 0.95, f"{ratio:.2f}x ({r['req_per_s']:.0f} vs {b['req_per_s']:.0f} req/s)")
             if r["latency_s"] > 0 and r["concurrency"] >= 10_000 and "ratio_cl" in r:
-                add(f"HTTPS: our client server-bound >= 0.9 x C/L at C={r['concurrency']}", r["ratio_cl"] >= 0.9,
+                add(f"HTTPS: {who} server-bound >= 0.9 x C/L at C={r['concurrency']}", r["ratio_cl"] >= 0.9,
                     f"{r['ratio_cl']:.3f} x C/L")
     if bare and ours:
         r = ours["req_per_s"] / bare["req_per_s"]
