@@ -16,7 +16,7 @@ Example:
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._attempt import is_loopback, read_secret, tls_context
+from ._attempt import is_loopback, raise_open_file_limit, read_secret, tls_context
 from ._client import ArkClient, parse_completion
 from ._config import (
     ARK_BASE_URL,
@@ -158,6 +158,7 @@ __all__ = [
     "parse_retry_after",
     "part_files",
     "PushbackGate",
+    "raise_open_file_limit",
     "RateLimited",
     "read_secret",
     "render_error_types_table",

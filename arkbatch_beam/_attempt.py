@@ -51,6 +51,7 @@ from ._errors import (
     CertificateError,
     InvalidResponse,
     MissingApiKey,
+    OptionError,
     RateLimited,
     TransportError,
     error_for_status,
@@ -197,13 +198,20 @@ def tls_context(config: ClientConfig) -> ssl.SSLContext:
     return ctx
 
 
-def raise_open_file_limit(needed: int) -> int:
-    """Raise this process's open-file limit (soft, up to the hard one) to ``needed``; the limit now.
+def raise_open_file_limit(max_concurrency: int) -> int:
+    """Raise this process's open-file limit (soft, up to the hard one) to what ``max_concurrency``
+    needs; returns the limit now.
 
-    Each request in flight holds a socket (HTTP/1.1), so ``max_concurrency`` needs at least as many
-    file descriptors, plus some for the process itself. When the hard limit is lower, a warning
-    says which limit to raise (before the job runs out of sockets mid-way).
+    Each request in flight holds a socket (HTTP/1.1), so ``max_concurrency`` needs as many file
+    descriptors plus ``FILES_BESIDES_SOCKETS`` for the process itself. When the hard limit is
+    lower, an :class:`OptionError` says which limit to raise, or how far to lower the cap
+    (at start-up, rather than sockets running out mid-job).
+
+    Example:
+        >>> raise_open_file_limit(10) >= 10 + FILES_BESIDES_SOCKETS
+        True
     """
+    needed = max_concurrency + FILES_BESIDES_SOCKETS
     try:
         import resource
     except ImportError:  # not on this platform
@@ -217,10 +225,13 @@ def raise_open_file_limit(needed: int) -> int:
     except (ValueError, OSError):
         target = soft
     if target < needed:
-        log.warning(
-            "arkbatch: this process may open %d files (hard limit %s) but max_concurrency needs about %d: "
-            "raise the hard limit (ulimit -Hn, LimitNOFILE=, or the container's nofile ulimit) or lower "
-            "--max_concurrency", target, hard, needed)
+        raise OptionError(
+            "max_concurrency",
+            f"must be at most {max(1, target - FILES_BESIDES_SOCKETS)} here: {max_concurrency} requests in flight "
+            f"need about {needed} open files (a socket each, plus {FILES_BESIDES_SOCKETS}) and this process may "
+            f"open {target} (hard limit {hard}); raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, "
+            "docker --ulimit nofile=) or lower --max_concurrency",
+        )
     return target
 
 
@@ -302,7 +313,7 @@ class HttpTransport:
         if self._session is not None:
             return
         # One socket per request in flight (HTTP/1.1), plus the process's own files.
-        raise_open_file_limit(self.config.max_concurrency + FILES_BESIDES_SOCKETS)
+        raise_open_file_limit(self.config.max_concurrency)
         ep = self.config.endpoint
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         headers.update(dict(ep.headers))

@@ -408,7 +408,8 @@ class PushbackGate:
                 grew = True
         if pending:
             self._arm_accept_timer()
-        if grew:
+        if grew:  # room with no slot coming back: nobody else will wake the waiting callers
+            self._wanted = True
             self._wake()
 
     def _hold_slot(self, retry_after: float | None) -> None:

@@ -65,6 +65,7 @@ from arkbatch_beam import (
     option,
     parse_input,
     part_files,
+    raise_open_file_limit,
     read_secret,
     row_to_item,
     tls_context,
@@ -454,6 +455,11 @@ def check_environment(job: Job) -> None:
                 "(it is read in the workers, never put in the pipeline)"
             )
         log.warning("%s is not set here; the workers must have it in their environment", ep.api_key_env)
+    if runs_here(job):  # the workers' sockets come from this machine's open-file limit
+        try:
+            raise_open_file_limit(job.config.max_concurrency)
+        except OptionError as exc:
+            raise UsageError(f"--{exc}") from None
     if ep.ca_bundle and runs_here(job):
         try:
             tls_context(job.config)

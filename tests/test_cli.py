@@ -270,3 +270,21 @@ def test_a_worker_process_error_reaches_the_user_as_its_message(server, tmp_path
     assert last.startswith("error: the endpoint ") and "answered HTTP 404" in last, last
     assert "raise " not in last and "while running" not in last
     assert "raise " not in last
+
+
+def _hard_open_file_limit_300():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+
+def test_a_cap_above_the_open_file_limit_fails_fast_before_sending(server, tmp_path):
+    # Before: a warning, then a job whose sockets run out mid-way (each one a retried error).
+    inp = write_jsonl(tmp_path / "in.jsonl", 3)
+    args = argv(server, inp, str(tmp_path / "o"))
+    args[args.index("--max_concurrency") + 1] = "1000"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.batch_chat", *args], capture_output=True, text=True,
+                          env={**os.environ, KEY_ENV: KEY}, timeout=240, preexec_fn=_hard_open_file_limit_300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --max_concurrency must be at most 44 here" in proc.stderr and "ulimit -Hn" in proc.stderr
+    assert server.total_requests == 0 and not os.path.exists(tmp_path / "o")

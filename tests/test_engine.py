@@ -498,3 +498,25 @@ def test_a_request_submitted_after_close_ends_at_once_and_the_client_can_start_a
         await h.client.close()
 
     asyncio.run(main())
+
+
+def test_held_requests_fill_the_adaptive_window_up_to_the_cap() -> None:
+    # Ark holds batch requests for minutes or hours. Before: the window grew only on answers
+    # (8 in flight for a whole hold); then, grown on time, nobody was woken to use the room.
+    script = Script(lambda k, n: "hold")
+
+    async def body(h: Harness) -> None:
+        h.submit(*(req(f"k{i}") for i in range(1500)))
+        await h.clock.settle()
+        assert script.in_flight == 8
+        seen = []
+        for _ in range(30):  # 15 s of a server that answers nothing
+            await h.clock.advance(0.5)
+            seen.append(script.in_flight)
+        assert script.in_flight == 1000 == script.peak  # the cap, never above it
+        assert seen.index(1000) * 0.5 <= 8.0, seen  # doubling every ACCEPT_AFTER: ~5 s
+        script.release()
+        await h.clock.advance(1.0)
+        await h.clock.settle()
+
+    run(cfg(max_concurrency=1000), script, body)

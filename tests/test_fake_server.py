@@ -370,18 +370,31 @@ def test_fault_validation_and_urls() -> None:
         assert server.openai_base_url == f"http://127.0.0.1:{server.port}/v1"
 
 
-def test_command_line_server() -> None:
+@contextlib.contextmanager
+def cli_server(*args: str):
+    """The fake server's command line in a subprocess: yields (process, its first line); on a
+    clean exit of the block it must stop on SIGTERM with status 0."""
     # Run the module file directly: same main() as ``python -m
     # arkbatch_beam.testing.fake_server`` without importing the whole package
-    # (and Apache Beam) in the subprocess, which keeps this test fast.
-    script = Path(fake_server.__file__)
-    cmd = [sys.executable, str(script), "--port", "0", "--api-key", "cli-key"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # (and Apache Beam) in the subprocess, which keeps these tests fast.
+    cmd = [sys.executable, str(Path(fake_server.__file__)), "--port", "0", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
+        yield proc, proc.stdout.readline().strip()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_command_line_server() -> None:
+    with cli_server("--api-key", "cli-key") as (_, line):
         assert line.startswith("listening on http://127.0.0.1:")
         port = int(line.rsplit(":", 1)[1])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -398,15 +411,6 @@ def test_command_line_server() -> None:
                 and orjson.loads(resp.read())["choices"][0]["message"]["content"]
                 == "echo: cli"
             )
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 # ---------------------------------------------------------------- quota mode
@@ -624,15 +628,8 @@ def test_announced_pause_answers_the_remaining_time(
 
 
 def test_command_line_server_with_a_quota() -> None:
-    script = Path(fake_server.__file__)
-    cmd = [sys.executable, str(script), "--port", "0", "--no-auth", "--rps", "0.1"]
-    cmd += ["--retry-after-step", "1"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline().strip().rsplit(":", 1)[1])
+    with cli_server("--no-auth", "--rps", "0.1", "--retry-after-step", "1") as (_, line):
+        port = int(line.rsplit(":", 1)[1])
         answers = []
         for _ in range(2):  # the bucket holds one request; the next is due in 10 s
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -643,15 +640,6 @@ def test_command_line_server_with_a_quota() -> None:
         assert answers[0][0] == 200
         assert answers[1][0] == 429 and answers[1][1] == "10"
         assert b"EndpointRPMExceeded" in answers[1][2]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 # ---------------------------------------------------------------- HTTPS and connections
@@ -701,12 +689,7 @@ def test_tls_server_certificate_verifies_against_its_ca_only() -> None:
 def test_command_line_server_with_tls_and_stats() -> None:
     import ssl
 
-    script = Path(fake_server.__file__)
-    cmd = [sys.executable, str(script), "--port", "0", "--api-key", "cli-key", "--tls"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
+    with cli_server("--api-key", "cli-key", "--tls") as (proc, line):
         assert line.startswith("listening on https://127.0.0.1:")
         port = int(line.rsplit(":", 1)[1])
         ca_line = proc.stdout.readline().strip()
@@ -721,12 +704,3 @@ def test_command_line_server_with_tls_and_stats() -> None:
             stats = orjson.loads(conn.getresponse().read())
         assert stats["total_requests"] == 1 and stats["ok_responses"] == 1
         assert stats["connections_opened"] == 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()

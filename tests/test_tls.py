@@ -3,11 +3,13 @@ the open-file limit raised to what max_concurrency needs."""
 
 import resource
 import ssl
+import subprocess
+import sys
 
 import pytest
 
 from arkbatch_beam import ClientConfig, Endpoint
-from arkbatch_beam._attempt import raise_open_file_limit, tls_context
+from arkbatch_beam._attempt import FILES_BESIDES_SOCKETS, raise_open_file_limit, tls_context
 
 
 def test_tls_always_verifies_and_reads_the_ca_bundle(tmp_path):
@@ -23,9 +25,11 @@ def test_tls_always_verifies_and_reads_the_ca_bundle(tmp_path):
 
 def test_the_open_file_limit_is_raised_to_what_the_cap_needs():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2000 + FILES_BESIDES_SOCKETS:
+        pytest.skip(f"hard open-file limit {hard} here")
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-        want = 2000 if hard == resource.RLIM_INFINITY else min(2000, hard)
+        want = 2000 + FILES_BESIDES_SOCKETS
         assert raise_open_file_limit(2000) == want
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == want
         assert raise_open_file_limit(100) == want  # never lowered
@@ -33,14 +37,28 @@ def test_the_open_file_limit_is_raised_to_what_the_cap_needs():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_a_hard_limit_below_the_need_is_named_in_a_warning(caplog):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = (hard + 1000) if hard != resource.RLIM_INFINITY else None
-    if need is None:
-        pytest.skip("no hard limit here")
-    assert raise_open_file_limit(need) == hard or raise_open_file_limit(need) == soft
-    assert any("raise the hard limit" in r.getMessage() and "ulimit -Hn" in r.getMessage() for r in caplog.records)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+_LOW_HARD_LIMIT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))  # (a hard limit is lowered for good: a child)
+from arkbatch_beam import ArkClient, ChatRequest, ClientConfig, Endpoint, OptionError
+import asyncio
+async def main():
+    cfg = ClientConfig(Endpoint("m", base_url="http://127.0.0.1:9/api/v3", api_key_env=""), max_concurrency=1000)
+    try:
+        async with ArkClient(cfg) as client:
+            await client.complete(ChatRequest("a", {"messages": [{"role": "user", "content": "x"}]}))
+    except OptionError as exc:
+        print("OptionError:", exc)
+asyncio.run(main())
+"""
+
+
+def test_a_hard_open_file_limit_below_the_cap_fails_fast_naming_both():
+    # Before: a warning, then a job that runs out of sockets mid-way (each one a retried error).
+    proc = subprocess.run([sys.executable, "-c", _LOW_HARD_LIMIT], capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert "OptionError: max_concurrency must be at most 44 here" in out, out
+    assert "hard limit 300" in out and "ulimit -Hn" in out and "lower --max_concurrency" in out
 
 
 def _post_once(url: str, ca_bundle: str | None):
