@@ -61,7 +61,7 @@ from ._errors import (
 )
 from ._health import FATAL_AFTER, EndpointHealth
 from ._pacing import NEUTRAL, OK, PermitPump, PushbackGate
-from ._result import Redactor, failed, parse_completion
+from ._result import Redactor, check_output, failed, parse_completion
 from ._retry import DEADLINE, EXHAUSTED, next_delay
 from ._types import STATUS_OK, ChatRequest, ChatResult
 
@@ -605,6 +605,12 @@ class ArkClient:
             result.latency_ms = (self._now() - job.first_send) * 1000.0  # type: ignore[operator]
             result.request_id = rid
             result.response_json = outcome.body.decode("utf-8", "replace")
+            fmt = job.request.body.get("response_format")
+            if fmt is not None:  # asked for JSON: parsed_json, or an invalid_output row (never both counts)
+                check_output(result, orjson.dumps(fmt).decode())
+            if result.status != STATUS_OK:
+                self._deliver_failed(job, result)
+                return
             self.ok += 1
             self._deliver(job, result)
             return

@@ -29,15 +29,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 from ._config import ClientConfig, Endpoint
 from ._dofn import InferDoFn, ParseDoFn
 from ._inputs import InputOptions
 from ._progress import JobProgress
-from ._result import check_output
 from ._resume import DedupeAndSkip, ReadDoneIds
-from ._types import NAMESPACE, STATUS_OK, ChatResult
+from ._types import STATUS_OK
 
 # The tag of the failure rows' output under with_exception_handling().
 FAILED_TAG = "failed"
@@ -46,25 +44,6 @@ FAILED_TAG = "failed"
 class _SplitByStatus(beam.DoFn):
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
         yield row if row["status"] == STATUS_OK else beam.pvalue.TaggedOutput(FAILED_TAG, row)
-
-
-class _CheckOutput(beam.DoFn):
-    """Answered rows checked against ``response_format``: ``parsed_json``, or ``invalid_output``."""
-
-    def __init__(self, response_format_json: str) -> None:
-        self._fmt = response_format_json
-
-    def setup(self) -> None:
-        self._invalid = Metrics.counter(NAMESPACE, "invalid_output")
-
-    def process(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        if row["status"] != STATUS_OK:
-            yield row
-            return
-        result = check_output(ChatResult(**row), self._fmt)
-        if not result.ok:
-            self._invalid.inc()
-        yield result.to_row()
 
 
 class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
@@ -195,8 +174,6 @@ class BatchChatInference(beam.PTransform):  # type: ignore[type-arg]
                 rate_limiter=self._rate_limiter,
             )
         )
-        if self.input_options.response_format_json is not None:
-            rows = rows | "CheckOutput" >> beam.ParDo(_CheckOutput(self.input_options.response_format_json))
         if self._exception_handling:
             split = rows | "SplitByStatus" >> beam.ParDo(_SplitByStatus()).with_outputs(FAILED_TAG, main="ok")
             return split.ok, split[FAILED_TAG]

@@ -410,7 +410,9 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, *, job: Job | Non
         # Bytes, not str: parse_input decodes each line strictly (--input_encoding, else UTF-8), so a
         # line that does not decode becomes an invalid_encoding failure row instead of failing the reader.
         lines = p | "Read" >> beam.io.ReadFromText(opts.input, coder=beam.coders.BytesCoder())
-    ok, failures = (
+    # Answers and failures go to one writer, which files each row by its status: inference and
+    # writing fuse (no Flatten of rows in between), so parts become durable while the job runs.
+    parts = (
         lines
         | "Infer" >> BatchChatInference(
             job.config,
@@ -420,14 +422,9 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, *, job: Job | Non
             resume_from=output if opts.resume else None,
             retry_failed=opts.retry_failed,
             progress=progress,
-        ).with_exception_handling()
+        )
+        | "WriteResults" >> WriteResults(output, sink=job.sink)
     )
-    # Each output straight into its writer (no Flatten in between), so the writers fuse
-    # with inference and parts become durable while the job runs, on every runner.
-    parts = (
-        ok | "WriteResults" >> WriteResults(output, sink=job.sink),
-        failures | "WriteFailures" >> WriteResults(output, sink=job.sink),
-    ) | "AllParts" >> beam.Flatten()
     done = (parts | "Compact" >> CompactOutput(output, sink=job.sink)) if not opts.no_compact else (
         parts | "CountParts" >> beam.combiners.Count.Globally())
     # The job writes its own summary.json once its output is final, so a detached launcher

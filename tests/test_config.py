@@ -150,7 +150,8 @@ def test_the_public_api_is_pinned():
         "RESULTS_DIR", "RateLimited", "RequestRejected", "RetryLimit", "RetryableError", "RetryableStatus",
         "RuntimeDied", "SinkConfig", "TransportError", "WriteResults", "add_flags", "backoff_delay",
         "derive_id", "final_on_resume", "flags", "from_flags", "job_error_in", "next_delay", "option",
-        "is_loopback", "parse_completion", "parse_input", "parse_retry_after", "part_files", "raise_open_file_limit", "read_secret",
+        "is_loopback", "parse_completion", "parse_input", "parse_retry_after", "part_files", "raise_open_file_limit",
+        "read_secret",
         "render_error_types_table", "render_options_table", "row_to_item", "tls_context", "validate",
     ])
     for name in arkbatch_beam.__all__:

@@ -318,22 +318,18 @@ def test_dataflow_graph_builds_offline_with_the_expected_steps_and_no_key(prompt
     batch_chat.build_pipeline(p, args)
     proto = p.to_runner_api()
 
-    # (c) the steps, wired as the CLI promises: Read -> Infer -> (ok, failures) -> writers -> Compact.
+    # (c) the steps, wired as the CLI promises: Read -> Infer -> one writer (both statuses) -> Compact.
     transforms = proto.components.transforms
     by_name = {t.unique_name: t for t in transforms.values()}
     (root,) = proto.root_transform_ids
     top = {transforms[i].unique_name: transforms[i] for i in transforms[root].subtransforms}
-    assert {"Read", "Infer", "WriteResults", "WriteFailures", "AllParts", "Compact"} <= set(top)
+    assert {"Read", "Infer", "WriteResults", "Compact"} <= set(top)
     for step in ("Infer/Parse", "Infer/Dedupe", "Infer/DoneIds", "Infer/Infer"):  # parse, dedupe+resume, send
         assert step in by_name, step
     read_out = set(top["Read"].outputs.values())
     assert set(top["Infer"].inputs.values()) == read_out
-    infer_ok, infer_failed = top["Infer"].outputs["0"], top["Infer"].outputs["1"]
-    assert list(top["WriteResults"].inputs.values()) == [infer_ok]
-    assert list(top["WriteFailures"].inputs.values()) == [infer_failed]
-    parts = set(top["WriteResults"].outputs.values()) | set(top["WriteFailures"].outputs.values())
-    assert set(top["AllParts"].inputs.values()) == parts
-    assert set(top["Compact"].inputs.values()) == set(top["AllParts"].outputs.values())
+    assert list(top["WriteResults"].inputs.values()) == list(top["Infer"].outputs.values())
+    assert set(top["Compact"].inputs.values()) == set(top["WriteResults"].outputs.values())
     # The job's last step writes summary.json itself (no launcher needs to stay attached).
     assert set(top["Summary"].inputs.values()) == set(top["Compact"].outputs.values())
 
@@ -351,7 +347,7 @@ def test_dataflow_graph_builds_offline_with_the_expected_steps_and_no_key(prompt
     p2 = beam.Pipeline(options=PipelineOptions(beam_args, save_main_session=False))
     batch_chat.build_pipeline(p2, args2)
     names2 = {t.unique_name for t in p2.to_runner_api().components.transforms.values()}
-    assert {"Read", "Infer", "WriteResults", "WriteFailures"} <= names2
+    assert {"Read", "Infer", "WriteResults"} <= names2
     assert "Compact" not in names2 and "Infer/DoneIds" not in names2
 
 

@@ -195,7 +195,12 @@ def test_cli_template_keep_columns_and_response_format_over_jsonl(json_server, t
         ("r0", '{"name":"sea","n":1}', '{"src":"s0"}')]
     assert [(r["custom_id"], r["error_type"], r["columns_json"]) for r in failed] == [
         ("r1", "invalid_output", '{"src":"s1"}')]
+    assert failed[0]["request_json"]  # a failure row keeps its request, to fix and re-run
     assert all(b["thinking"] == {"type": "auto"} and b["temperature"] == 0 for b in _Recorder.bodies)
+    # The counters agree with the rows (before: the invalid answer was counted ok, then filed failed).
+    with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+        run = json.load(f)["run"]
+    assert (run["ok"], run["failed"], run["failures_by_type"]) == (1, 1, {"invalid_output": 1})
 
 
 def test_cli_template_over_parquet_columns(server, tmp_path):
