@@ -32,6 +32,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import functools
+import itertools
 import logging
 import math
 import os
@@ -83,9 +84,13 @@ class SharedRuntime:
     """
 
     STATS_SECONDS = 0.25
+    _serial = itertools.count(1)
 
     def __init__(self, config: ClientConfig, rate_limiter: Any = None) -> None:
         self.config = config
+        # Its key in a JobProgress: unique for the process's life (an id() is reused once a
+        # closed runtime is collected, and a new one would overwrite the old one's totals).
+        self.serial = next(SharedRuntime._serial)
         self.client = ArkClient(config, rate_limiter=rate_limiter)
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="arkbatch-runtime", daemon=True)
@@ -134,7 +139,7 @@ class SharedRuntime:
     def _publish_progress(self) -> None:
         progress = self.progress
         if progress is not None:
-            progress.publish(id(self), self.stats, self._tally.copy())
+            progress.publish(self.serial, self.stats, self._tally.copy())
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -306,7 +311,7 @@ class _Progress:
         # The job's counters in this process (failure rows written without a request, i.e. bad
         # lines and duplicate ids, count as failed, as in the summary), as the bar and
         # summary.json see them.
-        c = (rt.progress.counts(source=id(rt), stats=live, tally=rt._tally) if rt.progress is not None
+        c = (rt.progress.counts(source=rt.serial, stats=live, tally=rt._tally) if rt.progress is not None
              else combine([(live, rt._tally)]))
         now = rt.loop.time()
         done = c.done

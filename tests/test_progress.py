@@ -164,3 +164,26 @@ def test_plain_lines_when_not_a_terminal_and_quiet_shows_neither(server, tmp_pat
     assert "arkbatch progress" not in quiet.stderr and "%|" not in quiet.stderr
     assert "INFO" not in quiet.stderr and "summary: ok=60 failed=1" in quiet.stdout
 
+
+
+def test_a_runtime_rebuilt_mid_job_adds_to_the_totals_never_replaces_them(server):
+    # A worker's runtime may be closed and rebuilt within one job (a failed bundle's teardown, a
+    # dead loop). Before: figures were keyed by id(runtime), which CPython hands out again once
+    # the old one is collected, so the new runtime's figures overwrote the old one's (whether
+    # it does depends on the allocator: this test guards the sum, it could not force a reuse).
+    import gc
+
+    cfg = ClientConfig(Endpoint("ep-p", base_url=server.base_url, api_key_env=KEY_ENV), max_concurrency=4,
+                       progress_seconds=0)
+    progress = JobProgress()
+    for n in (3, 2, 4):
+        rt = _runtime.acquire(cfg)
+        rt.progress = progress
+        try:
+            for fut in [rt.submit(_req(i)) for i in range(n)]:
+                assert fut.result(10).ok
+        finally:
+            _runtime.release(rt)  # closes it: its last figures are published
+        del rt, fut
+        gc.collect()
+    assert progress.counts().ok == 9
