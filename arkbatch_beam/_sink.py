@@ -1062,7 +1062,23 @@ class _Finish(beam.DoFn):
         yield counts
 
 
-_LOCAL_RUNNERS = {"DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner", "PrismRunner"}
+_LOCAL_RUNNERS = {"direct", "switchingdirect", "bundlebaseddirect", "fnapi", "prism"}
+
+
+def is_local_runner(runner: Any) -> bool:
+    """Whether ``runner`` (a runner, its class name, a ``--runner`` value, or ``None``: Beam's
+    default, the DirectRunner) runs the workers in or beside this process. Names are read as
+    Beam reads ``--runner``: any case, with or without ``Runner``, or a dotted class path.
+
+    Example:
+        >>> [is_local_runner(r) for r in (None, "direct", "PrismRunner", "DataflowRunner", "x.y.FlinkRunner")]
+        [True, True, True, False, False]
+    """
+    if runner is None:
+        return True
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    name = name.rsplit(".", 1)[-1].lower()
+    return name.removesuffix("runner") in _LOCAL_RUNNERS
 
 
 class CompactOutput(beam.PTransform):
@@ -1112,7 +1128,7 @@ class CompactOutput(beam.PTransform):
         output, shards = self._output, self.sink.output_shards
         spill = self._spill
         if spill is None:  # a local runner holds its shuffle in memory: rows go through files
-            spill = type(done.pipeline.runner).__name__ in _LOCAL_RUNNERS
+            spill = is_local_runner(done.pipeline.runner)
         plans = (
             done
             | "WaitForWriters" >> beam.combiners.Count.Globally()

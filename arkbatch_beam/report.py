@@ -43,10 +43,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._parquet_io import iter_batches
+from ._progress import TOKEN_KINDS
 from ._sink import FAILURES_DIR, RESULTS_DIR, part_files
 from ._types import DUPLICATE
 
-_TOKENS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 _READERS = 8  # files read ahead in threads (object stores: latency, not bandwidth, per file)
 _MAX_MESSAGES = 100_000  # distinct (type, message) pairs held before the rarest are dropped
 
@@ -75,7 +75,7 @@ def _hashes(ids: pa.Array) -> np.ndarray:
 
 
 def _read_results(meta: Any, slowest: int = 0) -> dict[str, Any]:
-    cols = ["custom_id", "latency_ms", "attempts", *_TOKENS]
+    cols = ["custom_id", "latency_ms", "attempts", *TOKEN_KINDS]
     hashes, latency, attempts, tokens = [], [], [], []
     candidates: list[tuple[float, int, str, int]] = []  # (latency, row, custom_id, attempts)
     row0 = 0
@@ -88,7 +88,7 @@ def _read_results(meta: Any, slowest: int = 0) -> dict[str, Any]:
         att = pc.fill_null(_column(batch, "attempts", pa.int32()).cast(pa.int32()), -1).to_numpy()
         attempts.append(att)
         tokens.append(np.stack([pc.fill_null(_column(batch, t, pa.int64()).cast(pa.int64()), 0).to_numpy()
-                                for t in _TOKENS], axis=1))
+                                for t in TOKEN_KINDS], axis=1))
         if slowest and len(lat_np):
             # A few more than asked per batch: copies of an id seen in a newer file drop out later.
             keep = np.argsort(-np.nan_to_num(lat_np, nan=-1.0), kind="stable")[:4 * slowest]
@@ -98,7 +98,7 @@ def _read_results(meta: Any, slowest: int = 0) -> dict[str, Any]:
         row0 += batch.num_rows
     return {"hashes": _cat(hashes, np.int64), "latency": _cat(latency, np.float32),
             "attempts": _cat(attempts, np.int32),
-            "tokens": np.concatenate(tokens) if tokens else np.zeros((0, len(_TOKENS)), np.int64),
+            "tokens": np.concatenate(tokens) if tokens else np.zeros((0, len(TOKEN_KINDS)), np.int64),
             "slowest": sorted(candidates, reverse=True)[:4 * slowest]}
 
 
@@ -234,7 +234,7 @@ def summarize(output: str, *, top: int = 10, progress_seconds: float = 0.0, stre
     note = _Progress(progress_seconds, stream if stream is not None else sys.stderr)
 
     ok_ids = _SeenIds()
-    tokens = np.zeros(len(_TOKENS), dtype=np.int64)
+    tokens = np.zeros(len(TOKEN_KINDS), dtype=np.int64)
     latency: list[np.ndarray] = []
     attempts: Counter[int] = Counter()
     rows_ok = 0
@@ -295,7 +295,7 @@ def summarize(output: str, *, top: int = 10, progress_seconds: float = 0.0, stre
             {"error_type": t, "message": m, "count": c} for (t, m), c in messages.most_common(top)
         ],
         "duplicate_rows": duplicates,
-        "tokens": dict(zip(_TOKENS, tokens.tolist(), strict=True)),
+        "tokens": dict(zip(TOKEN_KINDS, tokens.tolist(), strict=True)),
         "latency_ms": {
             "p50": _percentile(lat_sorted, 0.50),
             "p90": _percentile(lat_sorted, 0.90),

@@ -41,7 +41,7 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
 from arkbatch_beam import (
     FAILURES_DIR,
@@ -72,7 +72,8 @@ from arkbatch_beam import (
     validate,
 )
 from arkbatch_beam._bar import ProgressBar
-from arkbatch_beam._progress import Counts
+from arkbatch_beam._progress import TOKEN_KINDS, Counts
+from arkbatch_beam._sink import is_local_runner
 from arkbatch_beam.report import cost, load_run_summary, summarize, top_reasons
 
 log = logging.getLogger("arkbatch_beam")
@@ -467,10 +468,8 @@ def check_environment(job: Job) -> None:
 
 
 def runs_here(job: Job) -> bool:
-    """Whether the runner runs the workers on this machine (DirectRunner, Prism)."""
-    return not any(a.startswith("--runner") for a in job.beam_args) or any(
-        "DirectRunner" in a or "PrismRunner" in a for a in job.beam_args
-    )
+    """Whether the runner runs the workers on this machine (the DirectRunner, Prism)."""
+    return is_local_runner(PipelineOptions(job.beam_args).view_as(StandardOptions).runner)
 
 
 def check_output(job: Job) -> None:
@@ -549,8 +548,7 @@ def counts_from_metrics(counters: dict[str, int], to_do: int | None = None) -> C
         attempts=counters.get("requests", 0) + counters.get("retries", 0),
         paused_seconds=counters.get("paused_seconds", 0), throttled_seconds=counters.get("throttled_seconds", 0),
         cuts=counters.get("window_cuts", 0), budget_waits=counters.get("budget_waits", 0), to_do=to_do,
-        tokens={k: counters.get(k, 0) for k in
-                ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")},
+        tokens={k: counters.get(k, 0) for k in TOKEN_KINDS},
         failures_by_type=dict(sorted(((k[len("failed_type_"):], v) for k, v in counters.items()
                                       if k.startswith("failed_type_")), key=lambda kv: (-kv[1], kv[0]))),
         by_http_status=dict(sorted(status.items(), key=lambda kv: -kv[1])),

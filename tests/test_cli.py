@@ -288,3 +288,15 @@ def test_a_cap_above_the_open_file_limit_fails_fast_before_sending(server, tmp_p
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: --max_concurrency must be at most 44 here" in proc.stderr and "ulimit -Hn" in proc.stderr
     assert server.total_requests == 0 and not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("args, local", [
+    ([], True), (["--runner=direct"], True), (["--runner", "DirectRunner"], True), (["--runner=prism"], True),
+    (["--runner=PrismRunner"], True), (["--runner=DataflowRunner"], False), (["--runner", "flink"], False),
+])
+def test_runs_here_reads_the_runner_as_beam_does(args, local):
+    # Before: only the spelled-out class names counted, so --runner=direct or prism (which Beam
+    # accepts) skipped the launcher's checks of the key and the open-file limit.
+    import types
+
+    assert batch_chat.runs_here(types.SimpleNamespace(beam_args=tuple(args))) is local
