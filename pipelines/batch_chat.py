@@ -696,10 +696,13 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-def execute(job: Job, *, save_main_session: bool = False, live: LiveSummary | None = None) -> tuple[Any, float]:
+def execute(
+    job: Job, files: list[Any], *, save_main_session: bool = False, live: LiveSummary | None = None
+) -> tuple[Any, float]:
     """Run the pipeline; the runner's result and the wall time.
 
-    When the workers run in this process, the input is counted in the background (a total for
+    ``files``: the input's files, as :func:`check_input` found them. When the workers run in
+    this process, the input is counted in the background (a total for
     the progress and summary.json), and the progress shows as a bar on a terminal (stderr), else
     as the runtimes' plain lines; ``--quiet`` shows neither. ``live`` (a :class:`LiveSummary`)
     rewrites summary.json while the job runs.
@@ -707,7 +710,7 @@ def execute(job: Job, *, save_main_session: bool = False, live: LiveSummary | No
     progress = live.progress if live is not None else JobProgress()
     bar: ProgressBar | None = None
     if runs_here(job):
-        count_in_background(job.args, check_input(job.args), progress)
+        count_in_background(job.args, files, progress)
         show = not job.options.quiet and bool(job.config.progress_seconds)
         tty = show and _stderr_is_tty()
         if not show or tty:  # the bar replaces the runtimes' plain lines
@@ -717,8 +720,6 @@ def execute(job: Job, *, save_main_session: bool = False, live: LiveSummary | No
     options = PipelineOptions(list(job.beam_args), save_main_session=save_main_session)
     p = beam.Pipeline(options=options)
     build_pipeline(p, job.args, job=job, progress=progress)
-    from apache_beam.options.pipeline_options import StandardOptions
-
     started = time.monotonic()
     if live is not None:
         live.start()
@@ -868,7 +869,7 @@ def run(argv: Sequence[str] | None = None, *, save_main_session: bool = False) -
         preflight(job.config)
     check_output(job)
     live = None if detached(job) else LiveSummary(job, JobProgress())
-    result, wall = execute(job, save_main_session=save_main_session, live=live)
+    result, wall = execute(job, files, save_main_session=save_main_session, live=live)
     if detached(job):
         # The job goes on without us (--no_wait_until_finish, a Flex Template): its last step
         # writes OUTPUT/summary.json; nothing here waits for it.
@@ -884,7 +885,7 @@ def detached(job: Job) -> bool:
     """Whether the launcher only submits or stages the job: ``--no_wait_until_finish``, or a
     Flex Template launch (the launcher passes ``--template_location``: Beam writes the job file
     and the run "finishes" at once, before the job has started)."""
-    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
 
     options = PipelineOptions(list(job.beam_args))
     return bool(options.view_as(StandardOptions).no_wait_until_finish

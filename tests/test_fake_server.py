@@ -638,7 +638,7 @@ def test_command_line_server_with_a_quota() -> None:
                 resp = conn.getresponse()
                 answers.append((resp.status, resp.getheader("Retry-After"), resp.read()))
         assert answers[0][0] == 200
-        assert answers[1][0] == 429 and answers[1][1] == "10"
+        assert answers[1][0] == 429 and answers[1][1] in ("9", "10")  # (the real clock: 10 s less what passed)
         assert b"EndpointRPMExceeded" in answers[1][2]
 
 

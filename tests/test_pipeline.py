@@ -25,7 +25,10 @@ def lines(n, prefix="q"):
             for i in range(n)]
 
 
-def test_every_id_exactly_once_with_answers(server):
+def test_every_id_exactly_once_with_answers(server, monkeypatch):
+    made = []
+    real_acquire = _runtime.acquire
+    monkeypatch.setattr(_runtime, "acquire", lambda *a, **k: made.append(real_acquire(*a, **k)) or made[-1])
     server.add_fault(Fault.rate_limited("0.2", match="q 3"))
     server.add_fault(Fault.server_error(502, match="q 4"))
     server.add_fault(Fault.reset(match="q 5"))
@@ -35,9 +38,9 @@ def test_every_id_exactly_once_with_answers(server):
         assert_that(rows | beam.Map(lambda r: (r["custom_id"], r["status"], r["content"])),
                     equal_to([(f"c{i}", "ok", f"echo: q {i}") for i in range(50)]))
     assert server.attempts_by_key["q 3"] == 2 and server.attempts_by_key["q 5"] == 2
-    # The last teardown closed the shared runtime. (Only ours: a RunInference handler's runtime
-    # from another test lives as long as Beam's shared model, until it is collected.)
-    assert (os.getpid(), infer.config) not in _runtime._registry
+    # The last teardown closed the shared runtime it used. (Only ours: a RunInference handler's
+    # runtime from another test lives as long as Beam's shared model, until it is collected.)
+    assert made and all(rt.config == infer.config and not rt.alive for rt in made)
 
 
 def test_bad_rows_and_rejections_go_to_failures(server):

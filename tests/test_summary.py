@@ -64,13 +64,14 @@ def test_summary_json_holds_every_figure_true_to_the_rows(server, tmp_path, capl
     assert run["attempts"] == {"1": 19, "2": 1} and run["retries"] == 1 == s["retries"]
     assert run["failures_by_type"] == {"rejected": 1, "not_sent": 1}
     assert run["tokens"] == s["tokens"]
-    assert all(run["latency_ms"][k] is not None for k in ("p50", "p90", "p99", "max"))
+    lat = run["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] * 1.05  # (buckets: within 4.4 %)
     final = [r.getMessage() for r in caplog.records if "arkbatch progress" in r.getMessage()][-1]
     assert f"done={run['rows']} ok={run['ok']} failed={run['failed']} " in final
     # Rates and pacing.
-    assert s["wall_seconds"] > 0 and s["requests_per_second"] > 0
+    assert s["wall_seconds"] > 0 and s["requests_per_second"] == pytest.approx(20 / s["wall_seconds"], abs=0.1)
     assert s["tokens_per_second"] == pytest.approx(19 * (PROMPT + COMPLETION) / s["wall_seconds"], rel=0.02)
-    assert s["requests"] == 20 and s["paused_seconds"] >= 0 and "throttled_seconds" in s
+    assert s["requests"] == 20 and s["paused_seconds"] == 0  # a lone 400 pauses nothing
     # Cost: this run's and the whole output's (the same here: one run).
     expected = cost(tokens(19), PRICES)
     assert expected is not None and expected["total"] == round((38 * 0.4 + 57 * 1.2) / 1e6, 6)
@@ -134,6 +135,6 @@ def test_the_running_summary_is_what_a_killed_job_leaves(server, tmp_path):
     s = load(out)
     assert (s["state"], s["ok"], s["failed"], s["requests"]) == ("running", 2, 0, 2)
     assert s["run"]["in_flight"] == 1 and s["run"]["rows_to_do"] == 3
-    assert s["tokens"]["total_tokens"] == 10 and s["cost"]["this_run"]["total"] > 0
+    assert s["tokens"]["total_tokens"] == 10 and s["cost"]["this_run"] == cost(s["run"]["tokens"], PRICES)
     assert [p[1] for p in s["timeline"]] == [0, 2]
     assert s["latency_ms"]["p50"] == pytest.approx(12.0, rel=0.05)

@@ -57,7 +57,7 @@ def test_a_hard_open_file_limit_below_the_cap_fails_fast_naming_both():
     # Before: a warning, then a job that runs out of sockets mid-way (each one a retried error).
     proc = subprocess.run([sys.executable, "-c", _LOW_HARD_LIMIT], capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
-    assert "OptionError: max_concurrency must be at most 44 here" in out, out
+    assert f"OptionError: max_concurrency must be at most {300 - FILES_BESIDES_SOCKETS} here" in out, out
     assert "hard limit 300" in out and "ulimit -Hn" in out and "lower --max_concurrency" in out
 
 

@@ -6,12 +6,10 @@ import os
 import subprocess
 import sys
 
+import pandas  # noqa: F401 - Beam YAML's file readers need it (the test extra's apache-beam[yaml])
 import pyarrow.parquet as pq
-import pytest
 
 from .conftest import KEY_ENV
-
-pytest.importorskip("pandas")  # Beam YAML's file readers need it (apache-beam[yaml])
 
 
 def _job(tmp_path, server, body):
