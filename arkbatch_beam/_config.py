@@ -490,6 +490,9 @@ class ClientConfig:
         attempt_timeout: optional bound on one attempt, seconds; default ``None`` lets an
             attempt run until the deadline (the server may queue a batch request for hours).
         connect_timeout: TCP/TLS connect bound, seconds (0.1..300).
+        idle_connection_seconds: how long an unused connection is kept for the next request
+            (1..3600; default 120): a pause shorter than this resumes on the same connections,
+            with no new TLS handshakes (the server may still close them sooner).
         backoff: :class:`Backoff` for retries without ``Retry-After``.
         max_invalid_responses: how many 200 answers with unparseable JSON a request may
             get before it fails (1..20).
@@ -531,6 +534,9 @@ class ClientConfig:
     attempt_timeout: float | None = option(None, kind=float, lo=0.01, hi=MAX_TIMEOUT, unit=" s",
                                            help="bound on one attempt (none: until the deadline)")
     connect_timeout: float = option(10.0, kind=float, lo=0.1, hi=300.0, unit=" s", help="TCP/TLS connect bound")
+    idle_connection_seconds: float = option(
+        120.0, kind=float, lo=1.0, hi=3600.0, unit=" s", help="how long an unused connection is kept for the next "
+        "request: a pause shorter than this resumes on the same connections, without new TLS handshakes")
     backoff: Backoff = group(Backoff, prefix="backoff_", help="retry backoff without Retry-After")
     max_invalid_responses: int = option(3, kind=int, lo=1, hi=20,
                                         help="200 answers that are not a completion before a request fails")
@@ -584,6 +590,7 @@ class ClientConfig:
             "timeout_s": self.timeout,
             "attempt_timeout_s": self.attempt_timeout or 0.0,
             "connect_timeout_s": self.connect_timeout,
+            "idle_connection_s": self.idle_connection_seconds,
             "max_requests_per_second": self.max_requests_per_second or 0.0,
             "max_tokens_per_minute": self.max_tokens_per_minute or 0.0,
             "pacing": self.pacing,

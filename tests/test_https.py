@@ -141,6 +141,35 @@ def test_keepalive_connections_survive_an_announced_pause(status, form):
     assert snap["connections_opened"] - seen["opened_before_pause"] <= 2
 
 
+def test_a_pause_longer_than_the_idle_connection_time_reconnects():
+    """The other side of the test above: connections idle past ``idle_connection_seconds``
+    (default 120 s; aiohttp's own default is 15 s) are closed, and a new TLS handshake is paid
+    for each when sending resumes. So the setting decides which pauses keep the connections."""
+    n = 48
+    seen: dict[str, int] = {}
+    with FakeArkServer(api_key=None, tls=True) as srv:
+
+        def pause_at_the_tenth(total: int) -> None:
+            if total == 10:
+                seen["opened_before_pause"] = srv.connections_opened
+                srv.pause(2.0, status=503)
+
+        srv.on_request(pause_at_the_tenth)
+
+        async def run() -> list:
+            cfg = ClientConfig(Endpoint("ep", base_url=srv.base_url, api_key_env="", ca_bundle=srv.ca_pem_path),
+                               max_concurrency=CONCURRENCY, timeout=60, idle_connection_seconds=1.0)
+            async with ArkClient(cfg) as client:
+                return await asyncio.gather(*(
+                    client.complete(ChatRequest(f"r{i}", {"messages": [{"role": "user", "content": f"p {i}"}]}))
+                    for i in range(n)))
+
+        results = asyncio.run(run())
+        snap = srv.snapshot()
+    assert all(r.ok for r in results) and snap["ok_responses"] == n
+    assert snap["connections_opened"] - seen["opened_before_pause"] >= 1  # closed while idle, opened again
+
+
 def test_the_cli_keeps_its_connections_through_a_pause(tls_server, tmp_path):
     seen: dict[str, int] = {}
 
