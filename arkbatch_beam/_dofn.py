@@ -37,7 +37,7 @@ from . import _runtime
 from ._config import ClientConfig
 from ._errors import EndpointUnusable
 from ._inputs import InputOptions, parse_input
-from ._progress import JobProgress
+from ._progress import TOKEN_KINDS, JobProgress
 from ._types import NAMESPACE, RESULT_FIELDS, ChatRequest, ChatResult, request_hash
 
 # Wall-clock marks are reported as milliseconds since this instant (2020-01-01 UTC), which
@@ -141,9 +141,6 @@ class InferDoFn(beam.DoFn):
     def setup(self) -> None:
         self._acquire()
         self._requests = Metrics.counter(NAMESPACE, "requests")
-        self._ok = Metrics.counter(NAMESPACE, "ok")
-        self._failed = Metrics.counter(NAMESPACE, "failed")
-        self._retries = Metrics.counter(NAMESPACE, "retries")
         # Whole seconds / counts the runtime reports per bundle (SharedRuntime.COUNTED). Time
         # throttled is also Beam's cumulativeThrottlingSeconds, which Dataflow's autoscaler reads
         # (it does not add workers while the endpoint is the bottleneck).
@@ -155,14 +152,11 @@ class InferDoFn(beam.DoFn):
             "budget_waits": [Metrics.counter(NAMESPACE, "budget_waits")],
         }
         self._window = Metrics.gauge(NAMESPACE, "allowed_concurrency")
-        self._ptok = Metrics.counter(NAMESPACE, "prompt_tokens")
-        self._ctok = Metrics.counter(NAMESPACE, "completion_tokens")
-        self._ttok = Metrics.counter(NAMESPACE, "total_tokens")
-        self._cached = Metrics.counter(NAMESPACE, "cached_tokens")
-        self._rtok = Metrics.counter(NAMESPACE, "reasoning_tokens")
-        # Made on first use: failed_type_<error_type>, http_<status> (failures), attempts_<n> (n > 1),
-        # for summary.json when the workers run elsewhere (ok rows with one attempt cost nothing here).
-        self._named: dict[str, Any] = {}
+        # Row counts, summed per bundle and added to Beam's counters (made on first use) when it
+        # finishes: ok, failed, retries, the TOKEN_KINDS, failed_type_<error_type>, http_<status>
+        # (failures) and attempts_<n> (n > 1), for summary.json when the workers run elsewhere.
+        self._counters: dict[str, Any] = {}
+        self._sums: dict[str, int] = {}
         self._latency = Metrics.distribution(NAMESPACE, "latency_ms")
         # Once per bundle: min(first_send_ms) .. max(last_answer_ms) over the job is the time
         # spent sending, so the summary can tell the steady rate from start-up and shut-down.
@@ -180,6 +174,7 @@ class InferDoFn(beam.DoFn):
         self._done: queue.SimpleQueue[list[tuple[Any, ChatResult]]] = queue.SimpleQueue()
         self._outbox: list[tuple[ChatRequest, Any]] = []
         self._outstanding = 0
+        self._sums = {}
         self._sent_any = False
         self._last_answer_at = 0
 
@@ -223,6 +218,12 @@ class InferDoFn(beam.DoFn):
             self._abandon(bundle)
             raise
         self._bundle = None  # every request of this bundle has its row
+        for name, n in self._sums.items():
+            counter = self._counters.get(name)
+            if counter is None:
+                counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
+            counter.inc(n)
+        self._sums = {}
         if self._sent_any:
             self._last_answer.update(self._last_answer_at)
         if self._rt is not None:
@@ -282,33 +283,24 @@ class InferDoFn(beam.DoFn):
         if self._rt is not None and self._rt.fatal:
             raise EndpointUnusable(self._rt.fatal)
 
-    def _count(self, name: str) -> None:
-        counter = self._named.get(name)
-        if counter is None:
-            counter = self._named[name] = Metrics.counter(NAMESPACE, name)
-        counter.inc()
+    def _count(self, name: str, n: int = 1) -> None:
+        self._sums[name] = self._sums.get(name, 0) + n
 
     def _emit(self, tag: Any, result: ChatResult) -> Any:
         self._outstanding -= 1
         window, timestamp, request = tag
         if result.ok:
-            self._ok.inc()
-            if result.prompt_tokens:
-                self._ptok.inc(result.prompt_tokens)
-            if result.completion_tokens:
-                self._ctok.inc(result.completion_tokens)
-            if result.total_tokens:
-                self._ttok.inc(result.total_tokens)
-            if result.cached_tokens:
-                self._cached.inc(result.cached_tokens)
-            if result.reasoning_tokens:
-                self._rtok.inc(result.reasoning_tokens)
+            self._count("ok")
+            for kind in TOKEN_KINDS:
+                n = getattr(result, kind)
+                if n:
+                    self._count(kind, n)
             if result.latency_ms is not None:
                 self._latency.update(int(result.latency_ms))
             if self._include_request:
                 result.request_json = request.raw or _json(request.body)
         else:
-            self._failed.inc()
+            self._count("failed")
             self._count(f"failed_type_{result.error_type or 'unknown'}")
             if result.http_status is not None:
                 self._count(f"http_{result.http_status}")
@@ -318,6 +310,6 @@ class InferDoFn(beam.DoFn):
         if result.request_sha256 is None:  # the request this row answers (see request_hash)
             result.request_sha256 = request_hash(request.body)
         if result.attempts > 1:
-            self._retries.inc(result.attempts - 1)
+            self._count("retries", result.attempts - 1)
             self._count(f"attempts_{min(result.attempts, 100)}")
         return WindowedValue(_to_row(result), timestamp, (window,))
