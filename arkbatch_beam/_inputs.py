@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -201,8 +200,6 @@ def _normalise(obj: Any, opts: InputOptions) -> tuple[str | None, dict[str, Any]
 
 # --- prompt templates, request options and kept columns -----------------------------------------
 
-_FORMATTER = string.Formatter()
-
 
 class _Fields(Mapping[str, Any]):
     """An input object's fields for ``str.format_map``: an absent or null one raises MissingColumn."""
@@ -238,7 +235,7 @@ def render(template: str, fields: Mapping[str, Any]) -> str:
     """
     try:
         return template.format_map(_Fields(fields))
-    except (IndexError, KeyError, AttributeError, ValueError) as exc:  # {a[9]}, {a.b}, {a:bad}
+    except (IndexError, KeyError, AttributeError, ValueError, TypeError) as exc:  # {a[9]}, {a.b}, {a:.2f} of a list
         raise MissingColumn(f"template {template!r} cannot be filled from the input: {exc!r}") from None
 
 

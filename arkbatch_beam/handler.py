@@ -56,8 +56,17 @@ from apache_beam.pvalue import TaggedOutput
 
 from . import _runtime
 from ._config import ClientConfig, Endpoint, InputOptions
-from ._errors import ERROR_TYPE_BY_NAME, ArkError, EndpointUnusable, InputError, InternalError
+from ._errors import (
+    ERROR_TYPE_BY_NAME,
+    ArkError,
+    EndpointUnusable,
+    InputError,
+    InternalError,
+    InvalidInput,
+    InvalidOutput,
+)
 from ._inputs import parse_input
+from ._progress import TOKEN_KINDS
 from ._types import ChatRequest, ChatResult
 
 ON_FAILURE = ("raise", "return")
@@ -157,7 +166,6 @@ class ArkChatModelHandler(ModelHandler):
         self, batch: Sequence[Any], model: ArkModel, inference_args: dict[str, Any] | None = None
     ) -> Iterable[Any]:
         """Send the whole batch at once; one prediction (or dead letter) per element, in order."""
-        metrics = self._get_metrics()
         keyed = [isinstance(e, tuple) and len(e) == 2 and not hasattr(e, "_fields") for e in batch]
         examples = [e[1] if k else e for e, k in zip(batch, keyed, strict=True)]
         parsed = [self._request(e, inference_args) for e in examples]
@@ -171,10 +179,10 @@ class ArkChatModelHandler(ModelHandler):
         dead_letters = _dead_letter_tag() if self._on_failure == "raise" else None
         out: list[Any] = []
         failures: list[ArkError] = []
+        self._count([r for r in results if r is not None])
         for element, example, is_keyed, maybe in zip(batch, examples, keyed, results, strict=True):
             assert maybe is not None
             result = maybe
-            self._count(metrics, result)
             if not result.ok and self._on_failure == "raise":
                 error = _error_of(result)
                 if dead_letters is not None:
@@ -204,7 +212,7 @@ class ArkChatModelHandler(ModelHandler):
             parsed = parse_input(example, self.input_options)
         else:
             parsed = ChatResult.failure(
-                "element", "invalid_input",
+                "element", InvalidInput.error_type,
                 f"an element must be a prompt string, a list of messages or a dict, got {type(example).__name__}")
         if isinstance(parsed, ChatRequest) and inference_args:
             body = dict(parsed.body)
@@ -244,30 +252,30 @@ class ArkChatModelHandler(ModelHandler):
             ns = self._namespace
             self._metrics = {
                 name: Metrics.counter(ns, name)
-                for name in ("requests", "ok", "failed", "retries", "prompt_tokens", "completion_tokens",
-                             "invalid_output")
+                for name in ("requests", "ok", "failed", "retries", *TOKEN_KINDS, "invalid_output")
             }
             self._metrics["latency_ms"] = Metrics.distribution(ns, "latency_ms")
         return self._metrics
 
-    @staticmethod
-    def _count(metrics: dict[str, Any], result: ChatResult) -> None:
-        if result.attempts:
-            metrics["requests"].inc()
-        if result.ok:
-            metrics["ok"].inc()
-            if result.prompt_tokens:
-                metrics["prompt_tokens"].inc(result.prompt_tokens)
-            if result.completion_tokens:
-                metrics["completion_tokens"].inc(result.completion_tokens)
-            if result.latency_ms is not None:
-                metrics["latency_ms"].update(int(result.latency_ms))
-        else:
-            metrics["failed"].inc()
-            if result.error_type == "invalid_output":
-                metrics["invalid_output"].inc()
-        if result.attempts > 1:
-            metrics["retries"].inc(result.attempts - 1)
+    def _count(self, results: Sequence[ChatResult]) -> None:
+        """A batch's rows on Beam's counters: summed here, each counter asked once per batch."""
+        metrics = self._get_metrics()
+        sums = dict.fromkeys(("requests", "ok", "failed", "retries", *TOKEN_KINDS, "invalid_output"), 0)
+        for result in results:
+            sums["requests"] += result.attempts > 0
+            if result.ok:
+                sums["ok"] += 1
+                for kind in TOKEN_KINDS:
+                    sums[kind] += getattr(result, kind) or 0
+                if result.latency_ms is not None:
+                    metrics["latency_ms"].update(int(result.latency_ms))
+            else:
+                sums["failed"] += 1
+                sums["invalid_output"] += result.error_type == InvalidOutput.error_type
+            sums["retries"] += max(0, result.attempts - 1)
+        for name, n in sums.items():
+            if n:
+                metrics[name].inc(n)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -109,6 +109,8 @@ def test_each_element_form_and_the_metrics(server):
                 result.metrics().query(MetricsFilter().with_namespace("ArkChatModelHandler"))["counters"]}
     assert counters["ok"] == 5 and counters["requests"] == 5
     assert counters.get("failed", 0) == 0
+    # Every token kind (before: only prompt and completion tokens were counted here).
+    assert counters["total_tokens"] == counters["prompt_tokens"] + counters["completion_tokens"] > 0
     assert counters["num_inferences"] == 5  # RunInference's own metrics share the namespace
 
 

@@ -216,3 +216,13 @@ def test_cli_template_over_parquet_columns(server, tmp_path):
     assert [(r["custom_id"], r["content"], r["columns_json"]) for r in ok] == [
         ("a", "echo: Summarise the sea #1", '{"n":1}')]
     assert [(r["custom_id"], r["error_type"]) for r in failed] == [("b", "missing_column")]
+
+
+@pytest.mark.parametrize("template, value", [("score {s:.2f}", [1, 2]), ("first {s[0]}", 3)])
+def test_a_field_of_the_wrong_type_for_its_template_is_a_row_not_a_crash(template, value):
+    # Before: a TypeError out of str.format escaped parse_input and failed the whole bundle.
+    from arkbatch_beam import InputOptions, parse_input
+
+    row = parse_input({"id": "r1", "s": value}, InputOptions(template=template))
+    assert (row.custom_id, row.status, row.error_type) == ("r1", "failed", "missing_column")
+    assert "TypeError" in row.error_message and template in row.error_message
