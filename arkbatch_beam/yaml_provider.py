@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -36,6 +37,9 @@ from ._config import ARK_BASE_URL, ARK_BATCH_PATH, DEFAULT_API_KEY_ENV, ClientCo
 from ._inputs import row_to_item
 from ._schema import OUTPUT_SCHEMA
 from .transform import BatchChatInference as _BatchChatInference
+
+# The client options' defaults, from their one definition (ClientConfig's fields).
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ClientConfig)}
 
 PROVIDERS_FILE = os.path.join(os.path.dirname(__file__), "yaml", "providers.yaml")
 
@@ -95,9 +99,9 @@ class BatchChatInference(beam.PTransform):
         base_url: str = ARK_BASE_URL,
         path: str = ARK_BATCH_PATH,
         api_key_env: str = DEFAULT_API_KEY_ENV,
-        max_concurrency: int = 500,
-        timeout: float = 24 * 3600.0,
-        max_attempts: int = 20,
+        max_concurrency: int = _DEFAULTS["max_concurrency"],
+        timeout: float = _DEFAULTS["timeout"],
+        max_attempts: int = _DEFAULTS["max_attempts"],
         prompt_column: str = "prompt",
         id_column: Optional[str] = None,  # noqa: UP045 - Beam YAML reads these annotations
         system: Optional[str] = None,  # noqa: UP045
