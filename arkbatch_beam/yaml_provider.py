@@ -39,7 +39,7 @@ from ._schema import OUTPUT_SCHEMA
 from .transform import BatchChatInference as _BatchChatInference
 
 # The client options' defaults, from their one definition (ClientConfig's fields).
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ClientConfig)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ClientConfig)}
 
 PROVIDERS_FILE = os.path.join(os.path.dirname(__file__), "yaml", "providers.yaml")
 
